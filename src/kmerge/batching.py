@@ -1,0 +1,161 @@
+"""Batching and compression: prompts (and answers) -> what the base model is fed.
+
+One function, :func:`compress_batch`, does it all. For each example the sequence is
+
+    [pad ... pad] [merged prompt blocks (ceil(L/K))] [answer tokens + EOS]
+
+left-padded so that batched generation appends new tokens right after every prompt. Padding
+tokens never enter a block: the partial block of a prompt merges only its real tokens, blocks
+past a prompt's end are dropped, padding positions are masked, and position ids count only
+real positions (0, 1, 2, ...), so each example sees exactly what it would see alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Literal, Sequence
+
+import torch
+
+from kmerge.encoder import MergeEncoder
+from kmerge.errors import KMergeDataError
+
+IGNORE_INDEX = -100
+BlockAlignment = Literal["start", "end"]
+
+
+@dataclass
+class CompressedBatch:
+    """Tensors for the base model plus the measured compression of each example."""
+
+    inputs_embeds: torch.Tensor  # [B, T, H]
+    attention_mask: torch.Tensor  # [B, T], 1 = real position
+    position_ids: torch.Tensor  # [B, T], contiguous over real positions, 0 on padding
+    labels: torch.Tensor | None  # [B, T], answer token ids, IGNORE_INDEX elsewhere
+    prompt_tokens: list[int]  # tokens in each prompt before merging
+    positions_fed: list[int]  # prompt positions actually fed (= number of blocks)
+
+
+def tokenize_prompts(tokenizer, prompts: Sequence[str]) -> list[list[int]]:
+    """Tokenise prompts without special tokens; reject empty prompts by index."""
+    if isinstance(prompts, str):
+        raise KMergeDataError("prompts must be a list of strings, got a single string")
+    ids: list[list[int]] = []
+    for i, prompt in enumerate(prompts):
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise KMergeDataError(f"prompt {i} is empty (got {prompt!r}); every prompt needs text")
+        ids.append(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    if not ids:
+        raise KMergeDataError("no prompts given")
+    return ids
+
+
+def tokenize_answers(
+    tokenizer, answers: Sequence[str], separator: str = " ", append_eos: bool = True
+) -> list[list[int]]:
+    """Tokenise answers separately from their prompts (so block boundaries never depend on the
+    answer), each preceded by ``separator`` and followed by EOS when ``append_eos``."""
+    out: list[list[int]] = []
+    for i, answer in enumerate(answers):
+        if not isinstance(answer, str) or not answer.strip():
+            raise KMergeDataError(f"answer {i} is empty (got {answer!r}); every example needs one")
+        ids = tokenizer(separator + answer, add_special_tokens=False)["input_ids"]
+        if append_eos:
+            ids = ids + [tokenizer.eos_token_id]
+        out.append(ids)
+    return out
+
+
+def make_blocks(
+    token_ids: Sequence[Sequence[int]], k: int, pad_id: int, align: BlockAlignment = "start"
+) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """Split each id list into contiguous blocks of ``k``.
+
+    ``align="start"`` starts the first block at the first token (the paper's layout: the last
+    block may be partial). ``align="end"`` ends the last block at the last token (the first block
+    may be partial), so the end of the prompt, nearest to the answer, is always cut the same way.
+
+    Returns ``block_ids [B, N, K]``, ``block_mask [B, N, K]`` (True = real token) and the number
+    of blocks of each example. Examples with fewer blocks are padded with empty blocks.
+    """
+    n_blocks = [-(-len(ids) // k) for ids in token_ids]
+    n_max = max(n_blocks)
+    block_ids = torch.full((len(token_ids), n_max * k), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(token_ids), n_max * k), dtype=torch.bool)
+    for i, ids in enumerate(token_ids):
+        start = (-len(ids)) % k if align == "end" else 0
+        block_ids[i, start : start + len(ids)] = torch.as_tensor(ids, dtype=torch.long)
+        mask[i, start : start + len(ids)] = True
+    return block_ids.view(len(token_ids), n_max, k), mask.view(len(token_ids), n_max, k), n_blocks
+
+
+def compress_batch(
+    embed: Callable[[torch.Tensor], torch.Tensor],
+    encoder: MergeEncoder,
+    prompt_ids: Sequence[Sequence[int]],
+    answer_ids: Sequence[Sequence[int]] | None = None,
+    *,
+    pad_id: int,
+    align: BlockAlignment = "start",
+    max_positions: int | None = None,
+    reserve: int = 0,
+) -> CompressedBatch:
+    """Merge each prompt's K-blocks and append the answers as ordinary token embeddings.
+
+    Args:
+        embed: the base model's input embedding (ids -> vectors).
+        encoder: the merge encoder; its ``k`` sets the block size.
+        prompt_ids / answer_ids: token ids per example (answers optional, for training/scoring).
+        pad_id: any valid token id; padded slots are masked and never reach the model.
+        max_positions: the model's context; a sequence that would not fit (plus ``reserve``
+            positions for generated tokens) is an error, never silently truncated.
+    """
+    k = encoder.k
+    block_ids, block_mask, n_blocks = make_blocks(prompt_ids, k, pad_id, align)
+    device = next(iter(encoder.parameters()), None)
+    device = device.device if device is not None else embed.weight.device  # type: ignore[attr-defined]
+    block_ids, block_mask = block_ids.to(device), block_mask.to(device)
+    merged = encoder(embed(block_ids), block_mask)  # [B, N, H]
+
+    answer_ids = answer_ids or [[] for _ in prompt_ids]
+    if len(answer_ids) != len(prompt_ids):
+        raise KMergeDataError(f"{len(prompt_ids)} prompts but {len(answer_ids)} answers")
+    lengths = [n + len(a) for n, a in zip(n_blocks, answer_ids)]
+    if max_positions is not None:
+        for i, (length, n_prompt) in enumerate(zip(lengths, prompt_ids)):
+            if length + reserve > max_positions:
+                raise KMergeDataError(
+                    f"example {i} needs {length + reserve} positions ({len(n_prompt)} prompt tokens "
+                    f"-> {n_blocks[i]} blocks at K={k}, + {length - n_blocks[i]} answer tokens "
+                    f"+ {reserve} to generate) but the model's context is {max_positions}"
+                )
+    seq_len = max(lengths)
+    batch, hidden = len(prompt_ids), merged.shape[-1]
+    inputs_embeds = merged.new_zeros(batch, seq_len, hidden)
+    attention_mask = torch.zeros(batch, seq_len, dtype=torch.long, device=device)
+    position_ids = torch.zeros(batch, seq_len, dtype=torch.long, device=device)
+    labels = torch.full((batch, seq_len), IGNORE_INDEX, dtype=torch.long, device=device)
+
+    flat_answers = [t for a in answer_ids for t in a]
+    answer_embeds = embed(torch.as_tensor(flat_answers, dtype=torch.long, device=device)) if (
+        flat_answers
+    ) else None
+    offset = 0
+    for i, (n, answer) in enumerate(zip(n_blocks, answer_ids)):
+        start = seq_len - lengths[i]  # left padding
+        rows = [merged[i, :n]]
+        if answer:
+            rows.append(answer_embeds[offset : offset + len(answer)])
+            labels[i, start + n :] = torch.as_tensor(answer, dtype=torch.long, device=device)
+            offset += len(answer)
+        inputs_embeds[i, start:] = torch.cat(rows, dim=0)
+        attention_mask[i, start:] = 1
+        position_ids[i, start:] = torch.arange(lengths[i], device=device)
+    return CompressedBatch(
+        inputs_embeds=inputs_embeds,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        labels=labels if any(answer_ids) else None,
+        prompt_tokens=[len(p) for p in prompt_ids],
+        positions_fed=n_blocks,
+    )

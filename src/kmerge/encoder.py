@@ -1,0 +1,76 @@
+"""The merge encoder: K token embeddings in, one embedding out.
+
+``output = masked_mean(block) + MLP(concat(block))``. The MLP's last layer starts at zero, so at
+initialisation the encoder is exactly the mean of each block's real tokens ("average init")
+and training learns a correction on top. The MLP reads the block as a concatenation, which,
+unlike the mean, knows the order of the tokens inside the block.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from kmerge.errors import KMergeConfigError
+
+
+def check_k(k: object) -> int:
+    """Validate a block size K: an integer >= 1 (bools are rejected)."""
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise KMergeConfigError(f"K must be an integer >= 1, got {k!r} ({type(k).__name__})")
+    if k < 1:
+        raise KMergeConfigError(f"K must be an integer >= 1, got {k}")
+    return k
+
+
+class MergeEncoder(nn.Module):
+    """Merge blocks ``[B, N, K, H]`` (with mask ``[B, N, K]``) into ``[B, N, H]``.
+
+    Args:
+        hidden_size: the base model's embedding width H.
+        k: block size K. K = 1 is the identity and has no parameters.
+        mlp_hidden_size: width of the residual MLP's hidden layer (default H).
+        num_layers: number of linear layers in the residual MLP (>= 1).
+    """
+
+    def __init__(
+        self, hidden_size: int, k: int, mlp_hidden_size: int | None = None, num_layers: int = 2
+    ) -> None:
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.k = check_k(k)
+        if num_layers < 1:
+            raise KMergeConfigError(f"encoder num_layers must be >= 1, got {num_layers}")
+        self.mlp: nn.Sequential | None = None
+        if self.k > 1:
+            width = mlp_hidden_size or hidden_size
+            dims = [self.k * hidden_size] + [width] * (num_layers - 1) + [hidden_size]
+            layers: list[nn.Module] = []
+            for i, (d_in, d_out) in enumerate(zip(dims[:-1], dims[1:])):
+                layers.append(nn.Linear(d_in, d_out))
+                if i < num_layers - 1:
+                    layers.append(nn.GELU())
+            self.mlp = nn.Sequential(*layers)
+            self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Average init: zero the residual branch's output layer so the encoder is the mean."""
+        if self.mlp is not None:
+            last = self.mlp[-1]
+            nn.init.zeros_(last.weight)
+            nn.init.zeros_(last.bias)
+
+    def forward(self, blocks: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        if blocks.dim() != 4 or blocks.shape[2] != self.k or blocks.shape[3] != self.hidden_size:
+            raise KMergeConfigError(
+                f"MergeEncoder(k={self.k}, hidden={self.hidden_size}) expects blocks "
+                f"[B, N, {self.k}, {self.hidden_size}], got {list(blocks.shape)}"
+            )
+        mask = mask.to(blocks.dtype).unsqueeze(-1)  # [B, N, K, 1]
+        blocks = blocks * mask  # padding slots become exact zeros, whatever was there
+        count = mask.sum(dim=2)  # [B, N, 1]
+        merged = blocks.sum(dim=2) / count.clamp(min=1.0)
+        if self.mlp is not None:
+            merged = merged + self.mlp(blocks.flatten(2))
+        # A block with no real token is padding: make it exactly zero (it is masked anyway).
+        return merged * (count > 0).to(blocks.dtype)

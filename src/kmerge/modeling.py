@@ -1,0 +1,327 @@
+"""KMergeModel: a frozen causal LM + PEFT LoRA + a merge encoder.
+
+The prompt goes in as ceil(L/K) merged embeddings; answers and generated tokens stay ordinary
+tokens of the base vocabulary. ``save_pretrained`` / ``from_pretrained`` mirror peft's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import PreTrainedModel
+
+from kmerge.batching import (
+    IGNORE_INDEX,
+    BlockAlignment,
+    CompressedBatch,
+    compress_batch,
+    tokenize_answers,
+    tokenize_prompts,
+)
+from kmerge.encoder import MergeEncoder, check_k
+from kmerge.errors import KMergeConfigError
+from kmerge.models import DEFAULT_MODEL, load_base_model
+
+CONFIG_FILE = "kmerge_config.json"
+ENCODER_FILE = "encoder.safetensors"
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+@dataclass
+class KMergeConfig:
+    """Everything needed to rebuild a KMergeModel around its base model."""
+
+    k: int = 4
+    base_model: str = DEFAULT_MODEL
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+    lora_target_modules: str | list[str] = "all-linear"
+    encoder_hidden_size: int | None = None  # default: the base model's hidden size
+    encoder_layers: int = 2
+    block_alignment: BlockAlignment = "start"
+    answer_separator: str = " "  # put between prompt and answer (the answer is tokenised alone)
+    append_eos: bool = True
+    base_fingerprint: dict = field(default_factory=dict)  # filled in by from_base
+
+    def __post_init__(self) -> None:
+        check_k(self.k)
+        if self.block_alignment not in ("start", "end"):
+            raise KMergeConfigError(
+                f"block_alignment must be 'start' or 'end', got {self.block_alignment!r}"
+            )
+        if self.lora_r < 1:
+            raise KMergeConfigError(f"lora_r must be >= 1, got {self.lora_r}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> KMergeConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise KMergeConfigError(f"unknown kmerge config keys: {', '.join(unknown)}")
+        return cls(**data)
+
+
+@dataclass
+class KMergeOutput:
+    loss: torch.Tensor  # mean over all answer tokens of the batch
+    example_losses: torch.Tensor  # [B] mean over each example's answer tokens
+    answer_tokens: torch.Tensor  # [B] number of answer tokens (incl. EOS) per example
+
+
+def base_fingerprint(model: PreTrainedModel) -> dict:
+    """A cheap identity for a base model: shapes plus a hash of part of its embedding table."""
+    cfg = model.config
+    emb = model.get_input_embeddings().weight.detach()
+    sample = emb[: min(64, emb.shape[0])].float().cpu().contiguous()
+    return {
+        "model_type": getattr(cfg, "model_type", "?"),
+        "hidden_size": int(emb.shape[1]),
+        "vocab_size": int(emb.shape[0]),
+        "num_hidden_layers": int(getattr(cfg, "num_hidden_layers", -1)),
+        "embedding_sha1": hashlib.sha1(sample.numpy().tobytes()).hexdigest()[:16],
+    }
+
+
+class KMergeModel(nn.Module):
+    """Base causal LM with LoRA adapters, fed K-merged prompts."""
+
+    def __init__(self, peft_model: PeftModel, encoder: MergeEncoder, tokenizer, config: KMergeConfig):
+        super().__init__()
+        self.peft_model = peft_model
+        self.encoder = encoder
+        self.tokenizer = tokenizer
+        self.config = config
+
+    # ---------------------------------------------------------------- construction
+    @classmethod
+    def from_base(
+        cls, base: str | PreTrainedModel, config: KMergeConfig | None = None, tokenizer=None
+    ) -> KMergeModel:
+        """Wrap a base model (name, path or loaded model) with fresh LoRA and encoder."""
+        config = dataclasses.replace(config) if config else KMergeConfig()
+        if isinstance(base, str):
+            config.base_model = base
+            base, tokenizer = load_base_model(base)
+        elif tokenizer is None:
+            raise KMergeConfigError("from_base with a model object also needs its tokenizer")
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        for p in base.parameters():
+            p.requires_grad_(False)
+        config.base_fingerprint = base_fingerprint(base)
+        lora = LoraConfig(
+            r=config.lora_r,
+            lora_alpha=config.lora_alpha,
+            lora_dropout=config.lora_dropout,
+            target_modules=config.lora_target_modules,
+            task_type="CAUSAL_LM",
+        )
+        peft_model = get_peft_model(base, lora)
+        encoder = cls._make_encoder(base, config)
+        return cls(peft_model, encoder, tokenizer, config)
+
+    @staticmethod
+    def _make_encoder(base: PreTrainedModel, config: KMergeConfig) -> MergeEncoder:
+        emb = base.get_input_embeddings().weight
+        return MergeEncoder(
+            emb.shape[1], config.k, config.encoder_hidden_size, config.encoder_layers
+        ).to(device=emb.device, dtype=emb.dtype)
+
+    # ---------------------------------------------------------------- properties
+    @property
+    def k(self) -> int:
+        return self.config.k
+
+    @property
+    def lm(self) -> PreTrainedModel:
+        """The base causal LM (with LoRA layers injected)."""
+        return self.peft_model.get_base_model()
+
+    @property
+    def max_positions(self) -> int | None:
+        return getattr(self.lm.config, "max_position_embeddings", None)
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm.get_input_embeddings().weight.device
+
+    # ---------------------------------------------------------------- batching
+    def prepare(
+        self, prompts: Sequence[str], answers: Sequence[str] | None = None, reserve: int = 0
+    ) -> CompressedBatch:
+        """Tokenise, embed and merge prompts; append answers as ordinary tokens."""
+        prompt_ids = tokenize_prompts(self.tokenizer, prompts)
+        answer_ids = None
+        if answers is not None:
+            if len(answers) != len(prompt_ids):
+                raise KMergeConfigError(f"{len(prompt_ids)} prompts but {len(answers)} answers")
+            answer_ids = tokenize_answers(
+                self.tokenizer, answers, self.config.answer_separator, self.config.append_eos
+            )
+        return compress_batch(
+            self.lm.get_input_embeddings(),
+            self.encoder,
+            prompt_ids,
+            answer_ids,
+            pad_id=self.tokenizer.pad_token_id,
+            align=self.config.block_alignment,
+            max_positions=self.max_positions,
+            reserve=reserve,
+        )
+
+    # ---------------------------------------------------------------- training / scoring
+    def forward(self, prompts: Sequence[str], answers: Sequence[str]) -> KMergeOutput:
+        """Loss over answer tokens only (prompt positions never get logits)."""
+        return self.loss(self.prepare(prompts, answers))
+
+    def loss(self, batch: CompressedBatch) -> KMergeOutput:
+        if batch.labels is None:
+            raise KMergeConfigError("loss needs answers: the batch has no labels")
+        hidden = self.lm.get_decoder()(
+            inputs_embeds=batch.inputs_embeds,
+            attention_mask=batch.attention_mask,
+            position_ids=batch.position_ids,
+            use_cache=False,
+        ).last_hidden_state
+        # Position t predicts token t + 1: apply the LM head only where t + 1 is an answer token.
+        targets = batch.labels[:, 1:]
+        where = targets != IGNORE_INDEX
+        logits = self.lm.get_output_embeddings()(hidden[:, :-1][where])
+        token_losses = F.cross_entropy(logits.float(), targets[where], reduction="none")
+        rows = where.nonzero()[:, 0]
+        counts = where.sum(dim=1)
+        per_example = torch.zeros(len(counts), device=token_losses.device).index_add(
+            0, rows, token_losses
+        ) / counts.clamp(min=1)
+        return KMergeOutput(token_losses.mean(), per_example, counts)
+
+    # ---------------------------------------------------------------- generation
+    @torch.no_grad()
+    def generate(
+        self, prompts: Sequence[str], max_new_tokens: int = 16, **generation_kwargs
+    ) -> list[str]:
+        """Generate continuations of merged prompts (batched, KV-cached) and decode them.
+
+        Extra keyword arguments go to transformers' ``generate`` (``do_sample``,
+        ``temperature``, ``top_p``, ...). Greedy unless told otherwise.
+        """
+        ids = self.generate_ids(prompts, max_new_tokens, **generation_kwargs)
+        return [self.tokenizer.decode(row, skip_special_tokens=True).strip() for row in ids]
+
+    @torch.no_grad()
+    def generate_ids(
+        self,
+        prompts: Sequence[str] | CompressedBatch,
+        max_new_tokens: int = 16,
+        **generation_kwargs,
+    ) -> list[list[int]]:
+        """Like :meth:`generate` but returns the new token ids, cut before the first EOS.
+        ``prompts`` may also be a batch from :meth:`prepare` (made with ``reserve``)."""
+        was_training = self.training
+        self.eval()
+        batch = prompts if isinstance(prompts, CompressedBatch) else self.prepare(
+            prompts, reserve=max_new_tokens
+        )
+        eos = self.tokenizer.eos_token_id
+        generation_kwargs.setdefault("do_sample", False)
+        out = self.peft_model.generate(
+            inputs_embeds=batch.inputs_embeds,
+            attention_mask=batch.attention_mask,
+            position_ids=batch.position_ids,
+            max_new_tokens=max_new_tokens,
+            pad_token_id=self.tokenizer.pad_token_id,
+            eos_token_id=eos,
+            **generation_kwargs,
+        )
+        self.train(was_training)
+        return [row[: row.index(eos)] if eos in row else row for row in out.tolist()]
+
+    # ---------------------------------------------------------------- persistence
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Write adapter, encoder (safetensors) and kmerge config; atomic (temp dir + rename)."""
+        directory = Path(directory)
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}-", dir=directory.parent))
+        try:
+            self.peft_model.save_pretrained(tmp)
+            state = {k: v.detach().cpu().contiguous() for k, v in self.encoder.state_dict().items()}
+            save_file(state, tmp / ENCODER_FILE, metadata={"k": str(self.k)})
+            (tmp / CONFIG_FILE).write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
+            self.tokenizer.save_pretrained(tmp / "tokenizer")
+            if directory.exists():
+                old = directory.with_name(f".{directory.name}-old")
+                shutil.rmtree(old, ignore_errors=True)
+                directory.rename(old)
+                tmp.rename(directory)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                tmp.rename(directory)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return directory
+
+    @classmethod
+    def from_pretrained(
+        cls, directory: str | Path, base: str | PreTrainedModel | None = None, tokenizer=None,
+        is_trainable: bool = False,
+    ) -> KMergeModel:
+        """Rebuild a saved model. ``base`` defaults to the base model named in the config; a
+        different base model (by fingerprint) or a K that disagrees with the encoder is refused."""
+        directory = Path(directory)
+        if not directory.is_dir():
+            raise KMergeConfigError(f"checkpoint {directory} does not exist or is not a directory")
+        missing = [f for f in (CONFIG_FILE, ENCODER_FILE, *ADAPTER_FILES) if not (directory / f).is_file()]
+        if missing:
+            raise KMergeConfigError(f"checkpoint {directory} is missing {', '.join(missing)}")
+        config = KMergeConfig.from_dict(json.loads((directory / CONFIG_FILE).read_text()))
+        if base is None:
+            base = config.base_model
+        if isinstance(base, str):
+            base, loaded_tok = load_base_model(base)
+            tokenizer = tokenizer or loaded_tok
+        if tokenizer is None:
+            raise KMergeConfigError("from_pretrained with a model object also needs its tokenizer")
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        found = base_fingerprint(base)
+        if config.base_fingerprint and found != config.base_fingerprint:
+            diff = {k: (v, found.get(k)) for k, v in config.base_fingerprint.items() if found.get(k) != v}
+            raise KMergeConfigError(
+                f"checkpoint {directory} was trained on a different base model "
+                f"({config.base_model!r}); mismatch (saved, given): {diff}"
+            )
+        encoder_state = load_file(directory / ENCODER_FILE)
+        encoder = cls._make_encoder(base, config)
+        expected = {k: tuple(v.shape) for k, v in encoder.state_dict().items()}
+        saved = {k: tuple(v.shape) for k, v in encoder_state.items()}
+        if expected != saved:
+            raise KMergeConfigError(
+                f"checkpoint {directory}: the config says K={config.k} but the saved encoder "
+                f"does not match (expected tensors {expected}, found {saved})"
+            )
+        encoder.load_state_dict(encoder_state)
+        for p in base.parameters():
+            p.requires_grad_(False)
+        peft_model = PeftModel.from_pretrained(base, directory, is_trainable=is_trainable)
+        model = cls(peft_model, encoder, tokenizer, config)
+        encoder.requires_grad_(is_trainable)
+        return model
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]

