@@ -21,7 +21,7 @@ from kmerge.encoder import MergeEncoder
 from kmerge.errors import KMergeDataError
 
 IGNORE_INDEX = -100
-BlockAlignment = Literal["start", "end"]
+BlockAlignment = Literal["start", "end", "segments"]
 
 
 @dataclass
@@ -33,7 +33,7 @@ class CompressedBatch:
     position_ids: torch.Tensor  # [B, T], contiguous over real positions, 0 on padding
     labels: torch.Tensor | None  # [B, T], answer token ids, IGNORE_INDEX elsewhere
     prompt_tokens: list[int]  # tokens in each prompt before merging
-    positions_fed: list[int]  # prompt positions actually fed (= number of blocks)
+    positions_fed: list[int]  # prompt positions actually fed (blocks + prefix tokens)
 
 
 def tokenize_prompts(tokenizer, prompts: Sequence[str]) -> list[list[int]]:
@@ -66,27 +66,55 @@ def tokenize_answers(
     return out
 
 
-def make_blocks(
-    token_ids: Sequence[Sequence[int]], k: int, pad_id: int, align: BlockAlignment = "start"
-) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-    """Split each id list into contiguous blocks of ``k``.
+def block_spans(
+    n_tokens: int, k: int, align: BlockAlignment = "start", segment_starts: Sequence[bool] = ()
+) -> list[tuple[int, int]]:
+    """Cut ``n_tokens`` contiguous tokens into blocks of at most ``k``, as (start, end) spans.
 
-    ``align="start"`` starts the first block at the first token (the paper's layout: the last
-    block may be partial). ``align="end"`` ends the last block at the last token (the first block
-    may be partial), so the end of the prompt, nearest to the answer, is always cut the same way.
-
-    Returns ``block_ids [B, N, K]``, ``block_mask [B, N, K]`` (True = real token) and the number
-    of blocks of each example. Examples with fewer blocks are padded with empty blocks.
+    ``"start"``: the paper's layout, blocks from the first token (the last one may be partial).
+    ``"end"``: blocks end at the last token (the first may be partial), so the end of the
+    prompt, nearest to the answer, is always cut the same way.
+    ``"segments"``: a new block also starts at every token flagged in ``segment_starts`` (e.g.
+    a newline or comma), so a block never straddles two fields; compression drops a little.
     """
-    n_blocks = [-(-len(ids) // k) for ids in token_ids]
-    n_max = max(n_blocks)
-    block_ids = torch.full((len(token_ids), n_max * k), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(token_ids), n_max * k), dtype=torch.bool)
-    for i, ids in enumerate(token_ids):
-        start = (-len(ids)) % k if align == "end" else 0
-        block_ids[i, start : start + len(ids)] = torch.as_tensor(ids, dtype=torch.long)
-        mask[i, start : start + len(ids)] = True
-    return block_ids.view(len(token_ids), n_max, k), mask.view(len(token_ids), n_max, k), n_blocks
+    if align == "start":
+        return [(s, min(s + k, n_tokens)) for s in range(0, n_tokens, k)]
+    if align == "end":
+        first = n_tokens % k or k
+        return [(0, first)] + [(s, s + k) for s in range(first, n_tokens, k)]
+    spans, begin = [], 0
+    for t in range(1, n_tokens + 1):
+        if t == n_tokens or t - begin == k or segment_starts[t]:
+            spans.append((begin, t))
+            begin = t
+    return spans
+
+
+def make_blocks(
+    token_ids: Sequence[Sequence[int]],
+    k: int,
+    pad_id: int,
+    align: BlockAlignment = "start",
+    segment_starts: Sequence[Sequence[bool]] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """Lay each id list out as blocks (see :func:`block_spans`) in a ``[B, N, K]`` grid.
+
+    Returns ``block_ids [B, N, K]``, ``block_mask [B, N, K]`` (True = real token; a partial
+    block's real tokens come first) and the number of blocks of each example. Examples with
+    fewer blocks are padded with empty blocks.
+    """
+    spans = [
+        block_spans(len(ids), k, align, segment_starts[i] if segment_starts else ())
+        for i, ids in enumerate(token_ids)
+    ]
+    n_max = max(len(s) for s in spans)
+    block_ids = torch.full((len(token_ids), n_max, k), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(token_ids), n_max, k), dtype=torch.bool)
+    for i, (ids, example_spans) in enumerate(zip(token_ids, spans)):
+        for j, (a, b) in enumerate(example_spans):
+            block_ids[i, j, : b - a] = torch.as_tensor(ids[a:b], dtype=torch.long)
+            mask[i, j, : b - a] = True
+    return block_ids, mask, [len(s) for s in spans]
 
 
 def compress_batch(
@@ -99,6 +127,8 @@ def compress_batch(
     align: BlockAlignment = "start",
     max_positions: int | None = None,
     reserve: int = 0,
+    prefix_ids: Sequence[int] = (),
+    segment_starts: Sequence[Sequence[bool]] | None = None,
 ) -> CompressedBatch:
     """Merge each prompt's K-blocks and append the answers as ordinary token embeddings.
 
@@ -109,13 +139,19 @@ def compress_batch(
         pad_id: any valid token id; padded slots are masked and never reach the model.
         max_positions: the model's context; a sequence that would not fit (plus ``reserve``
             positions for generated tokens) is an error, never silently truncated.
+        prefix_ids: ordinary (unmerged) tokens put before every prompt, e.g. BOS as an
+            attention sink; they count as positions fed.
     """
     k = encoder.k
-    block_ids, block_mask, n_blocks = make_blocks(prompt_ids, k, pad_id, align)
+    block_ids, block_mask, n_blocks = make_blocks(prompt_ids, k, pad_id, align, segment_starts)
     device = next(iter(encoder.parameters()), None)
     device = device.device if device is not None else embed.weight.device  # type: ignore[attr-defined]
     block_ids, block_mask = block_ids.to(device), block_mask.to(device)
     merged = encoder(embed(block_ids), block_mask)  # [B, N, H]
+    if prefix_ids:
+        prefix = embed(torch.as_tensor(list(prefix_ids), dtype=torch.long, device=device))
+        merged = torch.cat([prefix.unsqueeze(0).expand(len(n_blocks), -1, -1), merged], dim=1)
+        n_blocks = [n + len(prefix_ids) for n in n_blocks]
 
     answer_ids = answer_ids or [[] for _ in prompt_ids]
     if len(answer_ids) != len(prompt_ids):

@@ -31,10 +31,18 @@ class MergeEncoder(nn.Module):
         k: block size K. K = 1 is the identity and has no parameters.
         mlp_hidden_size: width of the residual MLP's hidden layer (default H).
         num_layers: number of linear layers in the residual MLP (>= 1).
+        input_norm: LayerNorm the concatenated block before the MLP. Token embeddings are small
+            (norm ~3 over hundreds of dims), so without it the MLP's hidden units start near
+            zero and the residual branch learns slowly.
     """
 
     def __init__(
-        self, hidden_size: int, k: int, mlp_hidden_size: int | None = None, num_layers: int = 2
+        self,
+        hidden_size: int,
+        k: int,
+        mlp_hidden_size: int | None = None,
+        num_layers: int = 2,
+        input_norm: bool = False,
     ) -> None:
         super().__init__()
         self.hidden_size = hidden_size
@@ -45,7 +53,7 @@ class MergeEncoder(nn.Module):
         if self.k > 1:
             width = mlp_hidden_size or hidden_size
             dims = [self.k * hidden_size] + [width] * (num_layers - 1) + [hidden_size]
-            layers: list[nn.Module] = []
+            layers: list[nn.Module] = [nn.LayerNorm(self.k * hidden_size)] if input_norm else []
             for i, (d_in, d_out) in enumerate(zip(dims[:-1], dims[1:])):
                 layers.append(nn.Linear(d_in, d_out))
                 if i < num_layers - 1:

@@ -51,16 +51,20 @@ class KMergeConfig:
     lora_target_modules: str | list[str] = "all-linear"
     encoder_hidden_size: int | None = None  # default: the base model's hidden size
     encoder_layers: int = 2
+    encoder_input_norm: bool = False
+    prepend_bos: bool = False  # one unmerged BOS position before the merged prompt
     block_alignment: BlockAlignment = "start"
+    segment_chars: str = "\n,"  # with block_alignment="segments": tokens starting a new block
     answer_separator: str = " "  # put between prompt and answer (the answer is tokenised alone)
     append_eos: bool = True
     base_fingerprint: dict = field(default_factory=dict)  # filled in by from_base
 
     def __post_init__(self) -> None:
         check_k(self.k)
-        if self.block_alignment not in ("start", "end"):
+        if self.block_alignment not in ("start", "end", "segments"):
             raise KMergeConfigError(
-                f"block_alignment must be 'start' or 'end', got {self.block_alignment!r}"
+                "block_alignment must be 'start', 'end' or 'segments', "
+                f"got {self.block_alignment!r}"
             )
         if self.lora_r < 1:
             raise KMergeConfigError(f"lora_r must be >= 1, got {self.lora_r}")
@@ -140,7 +144,8 @@ class KMergeModel(nn.Module):
     def _make_encoder(base: PreTrainedModel, config: KMergeConfig) -> MergeEncoder:
         emb = base.get_input_embeddings().weight
         return MergeEncoder(
-            emb.shape[1], config.k, config.encoder_hidden_size, config.encoder_layers
+            emb.shape[1], config.k, config.encoder_hidden_size, config.encoder_layers,
+            config.encoder_input_norm,
         ).to(device=emb.device, dtype=emb.dtype)
 
     # ---------------------------------------------------------------- properties
@@ -183,7 +188,31 @@ class KMergeModel(nn.Module):
             align=self.config.block_alignment,
             max_positions=self.max_positions,
             reserve=reserve,
+            prefix_ids=self._prefix_ids(),
+            segment_starts=self._segment_starts(prompt_ids),
         )
+
+    def _segment_starts(self, prompt_ids: list[list[int]]) -> list[list[bool]] | None:
+        if self.config.block_alignment != "segments":
+            return None
+        if not hasattr(self, "_segment_table"):
+            # A token starts a segment when its text begins with one of segment_chars.
+            chars = tuple(self.config.segment_chars)
+            vocab = self.tokenizer.convert_ids_to_tokens(list(range(len(self.tokenizer))))
+            self._segment_table = [
+                self.tokenizer.convert_tokens_to_string([t]).lstrip(" ").startswith(chars)
+                if t is not None else False
+                for t in vocab
+            ]
+        return [[self._segment_table[t] for t in ids] for ids in prompt_ids]
+
+    def _prefix_ids(self) -> list[int]:
+        if not self.config.prepend_bos:
+            return []
+        bos = self.tokenizer.bos_token_id
+        if bos is None:
+            raise KMergeConfigError("prepend_bos=True but the tokenizer has no BOS token")
+        return [bos]
 
     # ---------------------------------------------------------------- training / scoring
     def forward(self, prompts: Sequence[str], answers: Sequence[str]) -> KMergeOutput:

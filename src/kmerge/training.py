@@ -63,7 +63,8 @@ class TrainConfig:
         for name in ("steps", "batch_size", "grad_accum", "eval_every", "n_eval"):
             if getattr(self, name) < 1:
                 raise KMergeConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for stage in self.curriculum or []:
+        stages = self.curriculum or ([self.stage] if self.task == "tree" else [])
+        for stage in stages:
             if stage not in STAGES:
                 raise KMergeConfigError(f"unknown tree stage {stage!r}; known: {', '.join(STAGES)}")
 

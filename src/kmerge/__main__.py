@@ -1,0 +1,3 @@
+from kmerge.cli import main
+
+main()

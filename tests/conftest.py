@@ -1,0 +1,118 @@
+"""Shared fixtures: the real SmolLM2 tokenizer and tiny, randomly initialised base models.
+
+The tiny models use the real tokenizer's vocabulary (so prompts are real text) but only 32
+hidden units and 2 layers, so every test runs in well under a second on one CPU thread.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import (
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+from kmerge.modeling import KMergeConfig, KMergeModel
+
+torch.set_num_threads(1)
+
+TOKENIZER_MODEL = "smollm2-135m"
+
+
+def _cached_tokenizer_dir() -> Path | None:
+    """The dequantised-model cache holds tokenizer.json: loading it is much faster than GGUF."""
+    roots = []
+    if os.environ.get("KMERGE_CACHE"):
+        roots.append(Path(os.environ["KMERGE_CACHE"]))
+    roots.append(Path.home() / ".cache" / "kmerge")
+    for root in roots:
+        candidate = root / TOKENIZER_MODEL
+        if (candidate / "tokenizer.json").is_file():
+            return candidate
+    return None
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    """The real SmolLM2-135M tokenizer, loaded without the model weights."""
+    cached = _cached_tokenizer_dir()
+    if cached is not None:
+        tok = AutoTokenizer.from_pretrained(cached)
+    else:
+        from kmerge.models import find_embedded_gguf
+
+        gguf = find_embedded_gguf(TOKENIZER_MODEL)
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def tiny_config(vocab_size: int, arch: str = "llama", **overrides):
+    """A 2-layer, 32-wide config of the given architecture ("llama" or "qwen2")."""
+    kwargs = dict(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        attn_implementation="eager",
+    )
+    kwargs.update(overrides)
+    if arch == "llama":
+        return LlamaConfig(**kwargs)
+    if arch == "qwen2":
+        return Qwen2Config(**kwargs)
+    raise ValueError(f"unknown tiny architecture {arch!r}")
+
+
+def build_tiny_base(vocab_size: int, seed: int = 0, arch: str = "llama", **overrides):
+    """A randomly initialised tiny causal LM; the same seed gives identical weights."""
+    config = tiny_config(vocab_size, arch, **overrides)
+    torch.manual_seed(seed)
+    cls = LlamaForCausalLM if arch == "llama" else Qwen2ForCausalLM
+    return cls(config).eval()
+
+
+@pytest.fixture
+def tiny_base(tokenizer):
+    """Factory: ``tiny_base(seed=0, arch="llama", **config_overrides)``."""
+
+    def make(seed: int = 0, arch: str = "llama", **overrides):
+        return build_tiny_base(len(tokenizer), seed, arch, **overrides)
+
+    return make
+
+
+@pytest.fixture
+def tiny_model(tiny_base, tokenizer):
+    """Factory: ``tiny_model(k, seed=0, arch="llama", base_overrides=None, **kmerge_config)``."""
+
+    def make(k: int, seed: int = 0, arch: str = "llama", base_overrides=None, **cfg):
+        base = tiny_base(seed=seed, arch=arch, **(base_overrides or {}))
+        model = KMergeModel.from_base(base, KMergeConfig(k=k, **cfg), tokenizer=tokenizer)
+        return model.eval()
+
+    return make
+
+
+def randomise_trainables(model: torch.nn.Module, seed: int = 0, std: float = 0.02) -> int:
+    """Fill every trainable parameter (LoRA A/B, encoder) with N(0, std) values, so that the
+    encoder's residual MLP and the LoRA updates are non-zero. Returns how many were filled."""
+    generator = torch.Generator().manual_seed(seed)
+    n = 0
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=generator, dtype=p.dtype) * std)
+                n += 1
+    return n

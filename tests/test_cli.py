@@ -1,0 +1,81 @@
+"""The command line end to end on a tiny local model: train, eval (task and JSON Lines),
+generate, and one-line errors for bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from kmerge.cli import main
+from tests.conftest import build_tiny_base
+
+
+@pytest.fixture
+def tiny_dir(tmp_path, tokenizer):
+    """A tiny random Llama saved as a local model directory (a stand-in for a hub model)."""
+    path = tmp_path / "tiny-base"
+    build_tiny_base(len(tokenizer), seed=0).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_train_eval_generate(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    main(["train", "--base-model", str(tiny_dir), "--k", "4", "--steps", "3", "--batch-size", "4",
+          "--n-train", "32", "--n-eval", "8", "--eval-every", "3", "--output-dir", str(out)])
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["steps"] == 3
+    ckpt = out / "checkpoint"
+    assert (ckpt / "kmerge_config.json").is_file()
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert any("eval_accuracy" in r for r in records)
+
+    main(["eval", "--checkpoint", str(ckpt), "--n-eval", "8", "--output", str(tmp_path / "e.json")])
+    result = json.loads(capsys.readouterr().out)
+    assert result["n"] == 8 and result["k"] == 4
+    # Measured compression: K=4 feeds about a quarter of the prompt tokens.
+    assert 3.0 < result["compression"] <= 4.0
+    assert result["mean_positions_fed"] * 3.0 < result["mean_prompt_tokens"]
+    assert len(json.loads((tmp_path / "e.json").read_text())["predictions"]) == 8
+
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"prompt": "Is the sky blue? Answer:", "answer": "yes"}\n'
+                    '{"prompt": "Is fire cold? Answer:", "answer": "no"}\n')
+    main(["eval", "--checkpoint", str(ckpt), "--data", str(rows)])
+    result = json.loads(capsys.readouterr().out)
+    assert result["n"] == 2 and result["data"] == str(rows)
+
+    main(["generate", "--checkpoint", str(ckpt), "--prompt", "Tree: AA, Answer:",
+          "--max-new-tokens", "3"])
+    assert len(capsys.readouterr().out.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--k", "0"], "K must be an integer >= 1, got 0"),
+    (["--stage", "huge"], "huge"),
+    (["--curriculum", "small,nope"], "nope"),
+])
+def test_bad_input_is_one_line(tiny_dir, tmp_path, capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--base-model", str(tiny_dir), "--steps", "1", "--n-train", "8",
+              "--output-dir", str(tmp_path / "r"), *argv])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # progress bars may precede it
+    assert err.startswith("kmerge: error:") and message in err
+
+
+def test_eval_rows_without_answer(tiny_dir, tmp_path, capsys):
+    rows = tmp_path / "bad.jsonl"
+    rows.write_text('{"prompt": "a", "answer": "b"}\n{"prompt": "no answer here"}\n')
+    with pytest.raises(SystemExit):
+        main(["eval", "--base-model", str(tiny_dir), "--data", str(rows)])
+    err = capsys.readouterr().err
+    assert "line 2" in err and "answer" in err
+
+
+def test_missing_checkpoint_files(tmp_path, capsys):
+    (tmp_path / "ckpt").mkdir()
+    with pytest.raises(SystemExit):
+        main(["eval", "--checkpoint", str(tmp_path / "ckpt")])
+    assert "missing" in capsys.readouterr().err

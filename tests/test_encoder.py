@@ -1,0 +1,167 @@
+"""MergeEncoder: average init, masking, the residual MLP, and K validation."""
+
+import pytest
+import torch
+
+from kmerge.encoder import MergeEncoder, check_k
+from kmerge.errors import KMergeConfigError
+
+HIDDEN = 8
+KS = [1, 2, 3, 4, 8]
+
+
+def random_blocks(k, batch=3, n=5, seed=0):
+    """Random blocks and a random mask with full, partial and completely empty blocks."""
+    g = torch.Generator().manual_seed(seed)
+    blocks = torch.randn(batch, n, k, HIDDEN, generator=g)
+    mask = torch.rand(batch, n, k, generator=g) < 0.6
+    mask[0, 0] = True  # a full block
+    mask[0, 1] = False  # an empty block
+    mask[1, 0] = False
+    mask[1, 0, 0] = True  # a block with exactly one real token
+    return blocks, mask
+
+
+def masked_mean(blocks, mask):
+    """Reference: mean of the real tokens of each block, written the slow obvious way."""
+    b, n, _, h = blocks.shape
+    out = torch.zeros(b, n, h, dtype=torch.float64)
+    for i in range(b):
+        for j in range(n):
+            real = blocks[i, j][mask[i, j]].double()
+            if len(real):
+                out[i, j] = real.mean(dim=0)
+    return out.to(blocks.dtype)
+
+
+def perturb_mlp(encoder, seed=0, std=0.3):
+    """Give every encoder weight (incl. the zero-initialised last layer) a random value."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in encoder.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+
+
+@pytest.mark.parametrize("k", KS)
+def test_init_is_masked_mean(k):
+    """At initialisation the encoder is exactly the mean of each block's real tokens."""
+    blocks, mask = random_blocks(k, seed=k)
+    encoder = MergeEncoder(HIDDEN, k)
+    out = encoder(blocks, mask)
+    assert out.shape == (3, 5, HIDDEN)
+    torch.testing.assert_close(out, masked_mean(blocks, mask), rtol=1e-6, atol=1e-6)
+
+
+def test_k1_is_identity_without_parameters():
+    """K = 1 passes every real token through unchanged and has nothing to train."""
+    encoder = MergeEncoder(HIDDEN, 1)
+    assert list(encoder.parameters()) == []
+    blocks = torch.randn(2, 7, 1, HIDDEN)
+    mask = torch.ones(2, 7, 1, dtype=torch.bool)
+    assert torch.equal(encoder(blocks, mask), blocks[:, :, 0])
+
+
+@pytest.mark.parametrize("k", KS)
+@pytest.mark.parametrize("perturbed", [False, True])
+def test_empty_blocks_are_zero(k, perturbed):
+    """A block with no real token comes out as exact zeros, even with a non-zero MLP bias."""
+    blocks, mask = random_blocks(k, seed=k)
+    encoder = MergeEncoder(HIDDEN, k)
+    if perturbed and k > 1:
+        perturb_mlp(encoder)
+    out = encoder(blocks, mask)
+    empty = ~mask.any(dim=2)
+    assert empty.any()
+    assert torch.equal(out[empty], torch.zeros_like(out[empty]))
+    assert (out[~empty].abs().sum(dim=-1) > 0).all()
+
+
+@pytest.mark.parametrize("k", KS)
+@pytest.mark.parametrize("perturbed", [False, True])
+def test_padding_values_do_not_leak(k, perturbed):
+    """Whatever sits in masked slots (here huge random numbers) does not change the output."""
+    blocks, mask = random_blocks(k, seed=k)
+    encoder = MergeEncoder(HIDDEN, k)
+    if perturbed and k > 1:
+        perturb_mlp(encoder)
+    garbage = blocks.clone()
+    garbage[~mask] = torch.randn(int((~mask).sum()), HIDDEN) * 1e6
+    assert not torch.equal(garbage, blocks)
+    torch.testing.assert_close(encoder(garbage, mask), encoder(blocks, mask), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("k", [2, 3, 4, 8])
+def test_residual_mlp_is_used_and_sees_order(k):
+    """Once trained (perturbed), the output is no longer the mean and depends on token order
+    inside a block, which the mean alone cannot see."""
+    blocks = torch.randn(2, 3, k, HIDDEN)
+    mask = torch.ones(2, 3, k, dtype=torch.bool)
+    encoder = MergeEncoder(HIDDEN, k)
+    perturb_mlp(encoder)
+    out = encoder(blocks, mask)
+    mean = masked_mean(blocks, mask)
+    assert (out - mean).abs().max() > 1e-2
+
+    reversed_blocks = blocks.flip(dims=[2])
+    torch.testing.assert_close(masked_mean(reversed_blocks, mask), mean)
+    assert (encoder(reversed_blocks, mask) - out).abs().max() > 1e-2
+
+
+def test_perturbed_encoder_has_gradients_everywhere():
+    """The residual branch is connected: every encoder parameter gets a gradient."""
+    encoder = MergeEncoder(HIDDEN, 4)
+    perturb_mlp(encoder)
+    blocks, mask = random_blocks(4)
+    encoder(blocks, mask).square().sum().backward()
+    for name, p in encoder.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2.5, "4", True, None])
+def test_bad_k_rejected(bad):
+    """K must be an int >= 1; the error names the value."""
+    with pytest.raises(KMergeConfigError, match="K must be an integer >= 1") as info:
+        check_k(bad)
+    assert repr(bad) in str(info.value) or str(bad) in str(info.value)
+    with pytest.raises(KMergeConfigError):
+        MergeEncoder(HIDDEN, bad)
+
+
+@pytest.mark.parametrize("k", [1, 2, 4, 8])
+def test_good_k_accepted(k):
+    assert check_k(k) == k
+
+
+def test_bad_num_layers_rejected():
+    with pytest.raises(KMergeConfigError, match="num_layers must be >= 1, got 0"):
+        MergeEncoder(HIDDEN, 2, num_layers=0)
+
+
+@pytest.mark.parametrize("num_layers", [1, 2, 3])
+def test_num_layers_shapes_and_average_init(num_layers):
+    """Any depth: the right number of linear layers, and still the mean at init."""
+    encoder = MergeEncoder(HIDDEN, 3, mlp_hidden_size=5, num_layers=num_layers)
+    linears = [m for m in encoder.mlp if isinstance(m, torch.nn.Linear)]
+    assert len(linears) == num_layers
+    assert linears[0].in_features == 3 * HIDDEN and linears[-1].out_features == HIDDEN
+    blocks, mask = random_blocks(3)
+    torch.testing.assert_close(encoder(blocks, mask), masked_mean(blocks, mask))
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [
+        (2, 3, 4, HIDDEN + 1),  # wrong hidden size
+        (2, 3, 3, HIDDEN),  # wrong K
+        (2, 12, HIDDEN),  # not split into blocks
+        (1, 2, 3, 4, HIDDEN),  # too many dimensions
+    ],
+)
+def test_wrong_input_shape_rejected(shape):
+    """A tensor of the wrong shape is refused with the expected and the actual shape."""
+    encoder = MergeEncoder(HIDDEN, 4)
+    blocks = torch.randn(*shape)
+    mask = torch.ones(shape[:-1], dtype=torch.bool)
+    with pytest.raises(KMergeConfigError, match=r"expects blocks \[B, N, 4, 8\]") as info:
+        encoder(blocks, mask)
+    assert str(list(shape)) in str(info.value)
