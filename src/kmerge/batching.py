@@ -12,8 +12,9 @@ real positions (0, 1, 2, ...), so each example sees exactly what it would see al
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Literal, Sequence
+from typing import Literal
 
 import torch
 

@@ -25,7 +25,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lora-dropout", type=float, default=0.0)
     g.add_argument("--encoder-layers", type=int, default=2)
     g.add_argument("--encoder-hidden-size", type=int, default=None)
-    g.add_argument("--block-alignment", choices=("start", "end"), default="start")
+    g.add_argument("--block-alignment", choices=("start", "end", "segments"), default="start",
+                   help="how prompts are cut into blocks (see KMergeConfig)")
+    g.add_argument("--encoder-input-norm", action="store_true")
+    g.add_argument("--prepend-bos", action="store_true")
 
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
@@ -61,6 +64,7 @@ def _model_config(args: argparse.Namespace):
         k=args.k, base_model=args.base_model, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
         lora_dropout=args.lora_dropout, encoder_layers=args.encoder_layers,
         encoder_hidden_size=args.encoder_hidden_size, block_alignment=args.block_alignment,
+        encoder_input_norm=args.encoder_input_norm, prepend_bos=args.prepend_bos,
     )
 
 

@@ -1,0 +1,84 @@
+"""The training loop on a tiny model: it learns, logs JSON Lines, checkpoints atomically, walks
+a curriculum, and uses separate learning rates for LoRA and encoder."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from kmerge.modeling import KMergeConfig, KMergeModel
+from kmerge.training import TrainConfig, make_optimizer, train
+
+
+def small_run(tmp_path, **overrides) -> TrainConfig:
+    cfg = dict(model=KMergeConfig(k=4), stage="small", n_train=64, n_eval=8, steps=4,
+               batch_size=4, eval_every=2, log_every=1, warmup_steps=1, progress=False,
+               output_dir=str(tmp_path / "run"))
+    cfg.update(overrides)
+    return TrainConfig(**cfg)
+
+
+def test_train_learns_logs_and_checkpoints(tiny_model, tmp_path):
+    # A wider init than the default 0.02 lets the frozen random LM head express confident
+    # predictions, so that the loss can fall far within a few steps.
+    model = tiny_model(4, base_overrides={"initializer_range": 0.3})
+    result = train(small_run(tmp_path, steps=30, lr=1e-2), model=model)
+    losses = [r["loss"] for r in result.history if "loss" in r]
+    assert len(losses) == 30 and losses[-1] < 0.5 * losses[0]
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line) for line in lines] == result.history
+    evals = [r for r in result.history if "eval_accuracy" in r]
+    assert [r["step"] for r in evals] == list(range(2, 31, 2))
+    saved = json.loads((tmp_path / "run" / "train_config.json").read_text())
+    assert saved["steps"] == 30 and saved["model"]["k"] == 4
+    reloaded = KMergeModel.from_pretrained(
+        tmp_path / "run" / "checkpoint", base=model.lm, tokenizer=model.tokenizer
+    )
+    assert reloaded.k == 4
+    assert not list(tmp_path.glob("run/.checkpoint-*"))  # no temporary directory left behind
+
+
+def test_curriculum_advances_at_the_gate(tiny_model, tmp_path):
+    """A gate of 0 is always met: each stage stops at its first evaluation."""
+    cfg = small_run(tmp_path, curriculum=["small", "xsmall", "medium"], gate=0.0, final_gate=0.0)
+    result = train(cfg, model=tiny_model(4))
+    evals = [(r["stage"], r["step"]) for r in result.history if "eval_accuracy" in r]
+    assert evals == [("small", 2), ("xsmall", 4), ("medium", 6)]
+    assert result.steps == 6
+
+
+def test_curriculum_budget_runs_out(tiny_model, tmp_path):
+    """An unreachable gate: each stage uses its whole step budget."""
+    cfg = small_run(tmp_path, curriculum=["small", "xsmall"], gate=1.1, final_gate=1.1)
+    result = train(cfg, model=tiny_model(4))
+    assert result.steps == 8
+    assert {r["stage"] for r in result.history} == {"small", "xsmall"}
+
+
+def test_encoder_has_its_own_learning_rate(tiny_model):
+    model = tiny_model(4)
+    opt = make_optimizer(model, TrainConfig(lr=1e-4, encoder_lr=1e-2))
+    lrs = sorted(g["lr"] for g in opt.param_groups)
+    assert lrs == [1e-4, 1e-2]
+    encoder_params = {id(p) for p in model.encoder.parameters()}
+    enc_group = next(g for g in opt.param_groups if g["lr"] == 1e-2)
+    assert {id(p) for p in enc_group["params"]} == encoder_params
+
+
+def test_jsonl_training_file(tiny_model, tmp_path):
+    rows = tmp_path / "train.jsonl"
+    rows.write_text("".join(json.dumps({"prompt": f"Number {i} is", "answer": "even" if i % 2 == 0
+                                        else "odd"}) + "\n" for i in range(12)))
+    cfg = small_run(tmp_path, train_file=str(rows), eval_file=str(rows), n_eval=4)
+    result = train(cfg, model=tiny_model(2))
+    assert result.final_eval["n"] == 4
+
+
+@pytest.mark.parametrize("bad", [dict(steps=0), dict(batch_size=0), dict(curriculum=["tiny"]),
+                                 dict(stage="huge")])
+def test_bad_train_config(bad):
+    from kmerge.errors import KMergeConfigError
+
+    with pytest.raises(KMergeConfigError):
+        TrainConfig(**bad)
