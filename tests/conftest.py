@@ -9,9 +9,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import pytest
-import torch
-from transformers import (
+# Tests never touch the network: a hub lookup fails at once instead of retrying for a minute.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from transformers import (  # noqa: E402
     AutoTokenizer,
     LlamaConfig,
     LlamaForCausalLM,
@@ -19,7 +22,7 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-from kmerge.modeling import KMergeConfig, KMergeModel
+from kmerge.modeling import KMergeConfig, KMergeModel  # noqa: E402
 
 torch.set_num_threads(1)
 

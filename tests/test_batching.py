@@ -6,13 +6,14 @@ from torch import nn
 
 from kmerge.batching import (
     IGNORE_INDEX,
+    block_spans,
     compress_batch,
     make_blocks,
     tokenize_answers,
     tokenize_prompts,
 )
 from kmerge.encoder import MergeEncoder
-from kmerge.errors import KMergeDataError
+from kmerge.errors import KMergeDataError, KMergeError
 
 P = 0  # pad id used by the hand-checked cases
 IDS = [[1, 2, 3, 4, 5], [6, 7], [8, 9, 10, 11]]
@@ -21,6 +22,10 @@ LONG_PROMPT = (
     "The quick brown fox jumps over the lazy dog while the cat sleeps on the warm mat by "
     "the door and the bird sings"
 )
+
+
+def n_tokens(tokenizer, text):
+    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 # ------------------------------------------------------------------ make_blocks, by hand
@@ -45,12 +50,12 @@ LONG_PROMPT = (
             2,
             "end",
             [
-                [[P, 1], [2, 3], [4, 5]],
+                [[1, P], [2, 3], [4, 5]],
                 [[6, 7], [P, P], [P, P]],
                 [[8, 9], [10, 11], [P, P]],
             ],
             [
-                [[0, 1], [1, 1], [1, 1]],
+                [[1, 0], [1, 1], [1, 1]],
                 [[1, 1], [0, 0], [0, 0]],
                 [[1, 1], [1, 1], [0, 0]],
             ],
@@ -64,25 +69,63 @@ LONG_PROMPT = (
         (
             3,
             "end",
-            [[[P, 1, 2], [3, 4, 5]], [[P, 6, 7], [P, P, P]], [[P, P, 8], [9, 10, 11]]],
-            [[[0, 1, 1], [1, 1, 1]], [[0, 1, 1], [0, 0, 0]], [[0, 0, 1], [1, 1, 1]]],
+            [[[1, 2, P], [3, 4, 5]], [[6, 7, P], [P, P, P]], [[8, P, P], [9, 10, 11]]],
+            [[[1, 1, 0], [1, 1, 1]], [[1, 1, 0], [0, 0, 0]], [[1, 0, 0], [1, 1, 1]]],
         ),
         (
             8,
             "end",
-            [[[P, P, P, 1, 2, 3, 4, 5]], [[P] * 6 + [6, 7]], [[P] * 4 + [8, 9, 10, 11]]],
-            [[[0, 0, 0, 1, 1, 1, 1, 1]], [[0] * 6 + [1, 1]], [[0] * 4 + [1, 1, 1, 1]]],
+            [[[1, 2, 3, 4, 5, P, P, P]], [[6, 7] + [P] * 6], [[8, 9, 10, 11] + [P] * 4]],
+            [[[1, 1, 1, 1, 1, 0, 0, 0]], [[1, 1] + [0] * 6], [[1, 1, 1, 1] + [0] * 4]],
         ),
     ],
 )
 def test_make_blocks_by_hand(k, align, blocks, mask):
     """Exact ids and masks for ragged lengths: "start" leaves the last block partial, "end"
-    the first; examples with fewer blocks get trailing empty blocks."""
+    the first; a partial block's real tokens fill its first slots; examples with fewer
+    blocks get trailing empty blocks."""
     block_ids, block_mask, n_blocks = make_blocks(IDS, k, P, align)
     assert block_ids.tolist() == blocks
     assert block_mask.int().tolist() == mask
     assert block_mask.dtype == torch.bool
     assert n_blocks == [-(-len(ids) // k) for ids in IDS]
+
+
+@pytest.mark.parametrize(
+    "n, k, align, starts, spans",
+    [
+        (5, 2, "start", (), [(0, 2), (2, 4), (4, 5)]),
+        (5, 2, "end", (), [(0, 1), (1, 3), (3, 5)]),
+        (6, 3, "end", (), [(0, 3), (3, 6)]),
+        (1, 4, "end", (), [(0, 1)]),
+        (3, 1, "end", (), [(0, 1), (1, 2), (2, 3)]),
+        # a flagged token starts a block; blocks are still at most K long
+        (7, 3, "segments", [0, 0, 1, 0, 0, 0, 1], [(0, 2), (2, 5), (5, 6), (6, 7)]),
+        (4, 4, "segments", [1, 0, 0, 0], [(0, 4)]),  # a flag on the first token changes nothing
+        (4, 8, "segments", [0, 1, 1, 0], [(0, 1), (1, 2), (2, 4)]),
+        (5, 2, "segments", [0] * 5, [(0, 2), (2, 4), (4, 5)]),  # no flags: same as "start"
+    ],
+)
+def test_block_spans_by_hand(n, k, align, starts, spans):
+    assert block_spans(n, k, align, [bool(s) for s in starts]) == spans
+
+
+@pytest.mark.parametrize("align, starts", [("segments", None), ("middle", None)])
+def test_make_blocks_bad_layout_is_a_kmerge_error(align, starts):
+    """An unknown alignment, or "segments" without segment flags, is a clear kmerge error."""
+    with pytest.raises(KMergeError, match=align):
+        make_blocks([[1, 2, 3]], 2, P, align, starts)
+
+
+def test_make_blocks_segments():
+    """Segment flags per example cut blocks early; the mask marks the real tokens."""
+    starts = [[False, False, True, False, False], [False, True]]
+    block_ids, block_mask, n_blocks = make_blocks(
+        [[1, 2, 3, 4, 5], [6, 7]], 3, P, "segments", starts
+    )
+    assert n_blocks == [2, 2]
+    assert block_ids.tolist() == [[[1, 2, P], [3, 4, 5]], [[6, P, P], [7, P, P]]]
+    assert block_mask.int().tolist() == [[[1, 1, 0], [1, 1, 1]], [[1, 0, 0], [1, 0, 0]]]
 
 
 def test_make_blocks_k1_and_exact_multiples():
@@ -97,13 +140,17 @@ def test_make_blocks_k1_and_exact_multiples():
         assert block_ids.tolist() == [[[1, 2, 3, 4]], [[5, 6, 7, 8]]]
 
 
-@pytest.mark.parametrize("align", ["start", "end"])
+@pytest.mark.parametrize("align", ["start", "end", "segments"])
 @pytest.mark.parametrize("k", [1, 2, 3, 4, 8])
 def test_make_blocks_keeps_every_token_once_in_order(k, align):
-    """Reading the real slots back in order gives each prompt exactly, for any K."""
+    """Reading the real slots back in order gives each prompt exactly, for any K and layout;
+    every block is non-empty and at most K long."""
     g = torch.Generator().manual_seed(k)
     ids = [torch.randint(1, 100, (n,), generator=g).tolist() for n in (1, 7, 8, 13, 3)]
-    block_ids, block_mask, n_blocks = make_blocks(ids, k, P, align)
+    starts = [(torch.rand(len(row), generator=g) < 0.3).tolist() for row in ids]
+    block_ids, block_mask, n_blocks = make_blocks(ids, k, P, align, starts)
+    if align != "segments":
+        assert n_blocks == [-(-len(row) // k) for row in ids]
     assert block_ids.shape == (5, max(n_blocks), k)
     for i, row in enumerate(ids):
         assert block_ids[i][block_mask[i]].tolist() == row
@@ -154,6 +201,26 @@ def test_compress_batch_merges_blocks_k2(align):
         expected1 = torch.cat([embed(torch.tensor([6, 7])).mean(0, keepdim=True),
                                embed(torch.tensor([9, 10]))])
         torch.testing.assert_close(batch.inputs_embeds[1, 1:], expected1)
+
+
+def test_compress_batch_prefix_tokens():
+    """prefix_ids (e.g. BOS) go unmerged before every prompt and count as positions fed."""
+    embed = embedding()
+    prompts, answers = [[1, 2, 3, 4], [5]], [[6], [7, 8]]
+    batch = compress_batch(
+        embed, MergeEncoder(4, 2), prompts, answers, pad_id=P, prefix_ids=[9]
+    )
+    assert batch.positions_fed == [1 + 2, 1 + 1]
+    assert batch.prompt_tokens == [4, 1]
+    n = IGNORE_INDEX
+    assert batch.labels.tolist() == [[n, n, n, 6], [n, n, 7, 8]]
+    assert batch.attention_mask.tolist() == [[1, 1, 1, 1], [1, 1, 1, 1]]
+    with torch.no_grad():
+        e = embed.weight
+        expected0 = torch.stack([e[9], (e[1] + e[2]) / 2, (e[3] + e[4]) / 2, e[6]])
+        expected1 = torch.stack([e[9], e[5], e[7], e[8]])
+    torch.testing.assert_close(batch.inputs_embeds[0], expected0)
+    torch.testing.assert_close(batch.inputs_embeds[1], expected1)
 
 
 def test_compress_batch_without_answers():
@@ -213,7 +280,36 @@ def test_prepare_labels_positions_and_counts(tiny_model, tokenizer, k):
         assert labels[seq_len - len(answer) :] == answer
         assert labels[: seq_len - len(answer)] == [IGNORE_INDEX] * (seq_len - len(answer))
         assert answer[-1] == tokenizer.eos_token_id
-        assert torch.equal(batch.inputs_embeds[i, :pad], torch.zeros_like(batch.inputs_embeds[i, :pad]))
+        padding = batch.inputs_embeds[i, :pad]
+        assert torch.equal(padding, torch.zeros_like(padding))
+
+
+def test_prepare_segments(tiny_model, tokenizer):
+    """block_alignment="segments": a token starting with "," or a newline opens a new block."""
+    model = tiny_model(4, block_alignment="segments")
+    prompt = "name: Bob, age: 42, city: Paris\nnext line here, ok"
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    pieces = [tokenizer.decode([t]) for t in ids]
+    assert pieces == ["name", ":", " Bob", ",", " age", ":", " ", "4", "2", ",", " city", ":",
+                      " Paris", "\n", "next", " line", " here", ",", " ok"]
+    # blocks: name:Bob | ,age:_ | 42 | ,city:Paris | \nnext line here | ,ok
+    batch = model.prepare([prompt, "no separators at all here"])
+    assert batch.positions_fed[0] == 6
+    plain = tiny_model(4).prepare([prompt, "no separators at all here"])
+    assert plain.positions_fed == [5, batch.positions_fed[1]]
+
+
+def test_prepare_prepend_bos(tiny_model, tokenizer):
+    """prepend_bos puts one unmerged BOS embedding in front of the merged prompt."""
+    model = tiny_model(4, prepend_bos=True)
+    prompt = "one two three four five"
+    batch = model.prepare([prompt], ["yes"])
+    n_blocks = -(-n_tokens(tokenizer, prompt) // 4)
+    assert batch.positions_fed == [1 + n_blocks]
+    bos = model.lm.get_input_embeddings().weight[tokenizer.bos_token_id]
+    assert torch.equal(batch.inputs_embeds[0, 0], bos)
+    plain = tiny_model(4).prepare([prompt], ["yes"])
+    assert torch.equal(batch.inputs_embeds[0, 1:], plain.inputs_embeds[0])
 
 
 def test_prepare_without_eos(tiny_model, tokenizer):
@@ -264,11 +360,14 @@ def test_bad_answers(tiny_model, answers, index):
         tiny_model(2).prepare(["a", "b"], answers)
 
 
-@pytest.mark.xfail(strict=True, reason="src bug: a single answer string is split into characters")
-def test_single_answer_string_rejected(tokenizer):
-    """Like prompts, a bare string of answers must be refused, not iterated char by char."""
-    with pytest.raises(KMergeDataError):
+def test_single_answer_string_rejected(tiny_model, tokenizer):
+    """Like prompts, a bare string of answers must be refused, not iterated char by char
+    (here it even has as many characters as there are prompts)."""
+    message = "answers must be a list of strings, got a single string"
+    with pytest.raises(KMergeDataError, match=message):
         tokenize_answers(tokenizer, "abc")
+    with pytest.raises(KMergeDataError, match=message):
+        tiny_model(2).prepare(["a", "b", "c"], "xyz")
 
 
 # ------------------------------------------------------------------ context limit
@@ -282,7 +381,7 @@ def test_long_prompt_needs_merging(tiny_model, tokenizer):
     small = {"max_position_embeddings": 16}
     k1 = tiny_model(1, base_overrides=small)
     needed = n_prompt + n_answer
-    with pytest.raises(KMergeDataError, match=rf"example 0 needs {needed} positions.*context is 16"):
+    with pytest.raises(KMergeDataError, match=rf"example 0 needs {needed} positions.*is 16"):
         k1.prepare([LONG_PROMPT], ["yes"])
     with pytest.raises(KMergeDataError, match=rf"needs {n_prompt + 1} positions.*context is 16"):
         k1.generate([LONG_PROMPT], max_new_tokens=1)

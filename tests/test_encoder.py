@@ -42,11 +42,12 @@ def perturb_mlp(encoder, seed=0, std=0.3):
             p.copy_(torch.randn(p.shape, generator=g) * std)
 
 
+@pytest.mark.parametrize("input_norm", [False, True])
 @pytest.mark.parametrize("k", KS)
-def test_init_is_masked_mean(k):
+def test_init_is_masked_mean(k, input_norm):
     """At initialisation the encoder is exactly the mean of each block's real tokens."""
     blocks, mask = random_blocks(k, seed=k)
-    encoder = MergeEncoder(HIDDEN, k)
+    encoder = MergeEncoder(HIDDEN, k, input_norm=input_norm)
     out = encoder(blocks, mask)
     assert out.shape == (3, 5, HIDDEN)
     torch.testing.assert_close(out, masked_mean(blocks, mask), rtol=1e-6, atol=1e-6)
@@ -61,12 +62,13 @@ def test_k1_is_identity_without_parameters():
     assert torch.equal(encoder(blocks, mask), blocks[:, :, 0])
 
 
+@pytest.mark.parametrize("input_norm", [False, True])
 @pytest.mark.parametrize("k", KS)
 @pytest.mark.parametrize("perturbed", [False, True])
-def test_empty_blocks_are_zero(k, perturbed):
+def test_empty_blocks_are_zero(k, perturbed, input_norm):
     """A block with no real token comes out as exact zeros, even with a non-zero MLP bias."""
     blocks, mask = random_blocks(k, seed=k)
-    encoder = MergeEncoder(HIDDEN, k)
+    encoder = MergeEncoder(HIDDEN, k, input_norm=input_norm)
     if perturbed and k > 1:
         perturb_mlp(encoder)
     out = encoder(blocks, mask)
@@ -76,12 +78,13 @@ def test_empty_blocks_are_zero(k, perturbed):
     assert (out[~empty].abs().sum(dim=-1) > 0).all()
 
 
+@pytest.mark.parametrize("input_norm", [False, True])
 @pytest.mark.parametrize("k", KS)
 @pytest.mark.parametrize("perturbed", [False, True])
-def test_padding_values_do_not_leak(k, perturbed):
+def test_padding_values_do_not_leak(k, perturbed, input_norm):
     """Whatever sits in masked slots (here huge random numbers) does not change the output."""
     blocks, mask = random_blocks(k, seed=k)
-    encoder = MergeEncoder(HIDDEN, k)
+    encoder = MergeEncoder(HIDDEN, k, input_norm=input_norm)
     if perturbed and k > 1:
         perturb_mlp(encoder)
     garbage = blocks.clone()
@@ -90,13 +93,14 @@ def test_padding_values_do_not_leak(k, perturbed):
     torch.testing.assert_close(encoder(garbage, mask), encoder(blocks, mask), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("input_norm", [False, True])
 @pytest.mark.parametrize("k", [2, 3, 4, 8])
-def test_residual_mlp_is_used_and_sees_order(k):
+def test_residual_mlp_is_used_and_sees_order(k, input_norm):
     """Once trained (perturbed), the output is no longer the mean and depends on token order
     inside a block, which the mean alone cannot see."""
     blocks = torch.randn(2, 3, k, HIDDEN)
     mask = torch.ones(2, 3, k, dtype=torch.bool)
-    encoder = MergeEncoder(HIDDEN, k)
+    encoder = MergeEncoder(HIDDEN, k, input_norm=input_norm)
     perturb_mlp(encoder)
     out = encoder(blocks, mask)
     mean = masked_mean(blocks, mask)
@@ -107,9 +111,10 @@ def test_residual_mlp_is_used_and_sees_order(k):
     assert (encoder(reversed_blocks, mask) - out).abs().max() > 1e-2
 
 
-def test_perturbed_encoder_has_gradients_everywhere():
+@pytest.mark.parametrize("input_norm", [False, True])
+def test_perturbed_encoder_has_gradients_everywhere(input_norm):
     """The residual branch is connected: every encoder parameter gets a gradient."""
-    encoder = MergeEncoder(HIDDEN, 4)
+    encoder = MergeEncoder(HIDDEN, 4, input_norm=input_norm)
     perturb_mlp(encoder)
     blocks, mask = random_blocks(4)
     encoder(blocks, mask).square().sum().backward()
@@ -130,6 +135,15 @@ def test_bad_k_rejected(bad):
 @pytest.mark.parametrize("k", [1, 2, 4, 8])
 def test_good_k_accepted(k):
     assert check_k(k) == k
+
+
+def test_input_norm_layer():
+    """input_norm puts a LayerNorm over the concatenated block in front of the MLP."""
+    encoder = MergeEncoder(HIDDEN, 3, input_norm=True)
+    assert isinstance(encoder.mlp[0], torch.nn.LayerNorm)
+    assert encoder.mlp[0].normalized_shape == (3 * HIDDEN,)
+    assert not any(isinstance(m, torch.nn.LayerNorm) for m in MergeEncoder(HIDDEN, 3).mlp)
+    assert list(MergeEncoder(HIDDEN, 1, input_norm=True).parameters()) == []
 
 
 def test_bad_num_layers_rejected():

@@ -1,15 +1,15 @@
 """KMergeModel on tiny random base models: equivalences, labels, generation, persistence,
 mismatch errors and a short training run."""
 
+import copy
 import json
 import shutil
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import randomise_trainables
 
-from kmerge.errors import KMergeConfigError
+from kmerge.errors import KMergeConfigError, KMergeDataError
 from kmerge.modeling import (
     ADAPTER_FILES,
     CONFIG_FILE,
@@ -17,6 +17,7 @@ from kmerge.modeling import (
     KMergeConfig,
     KMergeModel,
 )
+from tests.conftest import randomise_trainables
 
 WORDS = (
     "the cat sat on a mat and then it ran to see why my red hat was in big box "
@@ -43,10 +44,14 @@ def prompt_of_length(tokenizer, n):
     return text
 
 
+SEGMENTED = "name: Bob, age: 42, city: Paris\nnext line here, ok"
+
+
 def ragged_prompts(tokenizer, k):
-    """Very different lengths: 1 token, shorter than K, exact multiples of K, and long."""
+    """Very different lengths: 1 token, shorter than K, exact multiples of K, and long; plus
+    one with commas and a newline (segment starts)."""
     lengths = sorted({1, max(1, k - 1), k, 2 * k, 3 * k + 1, 29})
-    return [prompt_of_length(tokenizer, n) for n in lengths]
+    return [prompt_of_length(tokenizer, n) for n in lengths] + [SEGMENTED]
 
 
 def answers_for(prompts):
@@ -83,6 +88,29 @@ def test_k1_fresh_model_equals_base(tiny_model, tiny_base, tokenizer, arch):
     torch.testing.assert_close(out.loss, expected, rtol=0, atol=1e-5)
 
 
+def test_k1_prepend_bos_equals_base_with_bos(tiny_model, tiny_base, tokenizer):
+    """prepend_bos at K = 1 is the base model fed [BOS] + prompt + answer + EOS."""
+    model = tiny_model(1, prepend_bos=True)
+    base = tiny_base()
+    prompt, answer = PROMPTS[1], "Paris"
+    prompt_ids = [tokenizer.bos_token_id] + tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    answer_ids = tokenizer(" " + answer, add_special_tokens=False)["input_ids"]
+    ids = torch.tensor(prompt_ids + answer_ids + [tokenizer.eos_token_id])
+    with torch.no_grad():
+        expected = reference_answer_loss(base(input_ids=ids[None]).logits[0], len(prompt_ids), ids)
+        out = model([prompt], [answer])
+    torch.testing.assert_close(out.example_losses[0], expected, rtol=0, atol=1e-5)
+
+
+def test_prepend_bos_needs_a_bos_token(tiny_base, tokenizer):
+    no_bos = copy.deepcopy(tokenizer)
+    no_bos.bos_token = None
+    assert no_bos.bos_token_id is None
+    model = KMergeModel.from_base(tiny_base(), KMergeConfig(k=2, prepend_bos=True), no_bos)
+    with pytest.raises(KMergeConfigError, match="prepend_bos=True but the tokenizer has no BOS"):
+        model.prepare(["Hi"])
+
+
 def test_randomised_trainables_are_active(tiny_model):
     """The helper really changes the model: loss moves once LoRA and encoder are non-zero."""
     model = tiny_model(4)
@@ -94,7 +122,18 @@ def test_randomised_trainables_are_active(tiny_model):
 
 
 # ------------------------------------------------------------------ batch == one by one
-@pytest.mark.parametrize("align", ["start", "end"])
+def check_batch_equals_single(model, prompts, answers):
+    """Per-example losses and greedy generations of the batch equal those of one at a time."""
+    with torch.no_grad():
+        batch = model(prompts, answers).example_losses
+        single = torch.cat([model([p], [a]).example_losses for p, a in zip(prompts, answers)])
+    torch.testing.assert_close(batch, single, rtol=0, atol=1e-5)
+    together = model.generate_ids(prompts, max_new_tokens=6)
+    assert together == [model.generate_ids([p], max_new_tokens=6)[0] for p in prompts]
+    return together
+
+
+@pytest.mark.parametrize("align", ["start", "end", "segments"])
 @pytest.mark.parametrize("k", [1, 2, 3, 4, 8])
 def test_batch_equals_single(tiny_model, tokenizer, k, align):
     """Padding never leaks: per-example losses and greedy generations of a ragged batch equal
@@ -102,32 +141,34 @@ def test_batch_equals_single(tiny_model, tokenizer, k, align):
     model = tiny_model(k, block_alignment=align)
     randomise_trainables(model, seed=k)
     prompts = ragged_prompts(tokenizer, k)
-    answers = answers_for(prompts)
-    with torch.no_grad():
-        batch = model(prompts, answers).example_losses
-        single = torch.cat([model([p], [a]).example_losses for p, a in zip(prompts, answers)])
-    torch.testing.assert_close(batch, single, rtol=0, atol=1e-5)
-
-    together = model.generate(prompts, max_new_tokens=6)
-    alone = [model.generate([p], max_new_tokens=6)[0] for p in prompts]
-    assert together == alone
-    together_ids = model.generate_ids(prompts, max_new_tokens=6)
-    assert together_ids == [model.generate_ids([p], max_new_tokens=6)[0] for p in prompts]
-    assert all(len(row) <= 6 for row in together_ids)
-    assert any(len(row) > 0 for row in together_ids)
+    generated = check_batch_equals_single(model, prompts, answers_for(prompts))
+    assert all(len(row) <= 6 for row in generated)
+    assert any(len(row) > 0 for row in generated)
 
 
-@pytest.mark.parametrize("align", ["start", "end"])
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"prepend_bos": True},
+        {"encoder_input_norm": True, "encoder_layers": 3, "encoder_hidden_size": 16},
+        {"prepend_bos": True, "block_alignment": "segments", "encoder_input_norm": True},
+    ],
+)
+def test_batch_equals_single_options(tiny_model, tokenizer, options):
+    """The same with the optional BOS prefix and encoder variants (K = 4)."""
+    model = tiny_model(4, **options)
+    randomise_trainables(model, seed=8)
+    prompts = ragged_prompts(tokenizer, 4)
+    check_batch_equals_single(model, prompts, answers_for(prompts))
+
+
+@pytest.mark.parametrize("align", ["start", "end", "segments"])
 def test_batch_equals_single_qwen2(tiny_model, tokenizer, align):
     """The same with a Qwen2 base (biased q/k/v projections): nothing is Llama-specific."""
     model = tiny_model(4, arch="qwen2", block_alignment=align)
     randomise_trainables(model, seed=7)
     prompts = ragged_prompts(tokenizer, 4)
-    answers = answers_for(prompts)
-    with torch.no_grad():
-        batch = model(prompts, answers).example_losses
-        single = torch.cat([model([p], [a]).example_losses for p, a in zip(prompts, answers)])
-    torch.testing.assert_close(batch, single, rtol=0, atol=1e-5)
+    check_batch_equals_single(model, prompts, answers_for(prompts))
 
 
 def test_block_alignment_matters(tiny_model, tokenizer):
@@ -227,6 +268,14 @@ def test_generate_restores_training_mode(tiny_model):
     assert model.training and model.lm.training
 
 
+def test_failed_generate_restores_training_mode(tiny_model):
+    """A generate call that is refused (prompt too long) must not leave the model in eval mode."""
+    model = tiny_model(1, base_overrides={"max_position_embeddings": 16}).train()
+    with pytest.raises(KMergeDataError, match="needs"):
+        model.generate(["a long prompt " * 10], max_new_tokens=4)
+    assert model.training
+
+
 def test_sampling_is_reproducible(tiny_model):
     """Sampling returns strings, the same seed gives the same output, and it is not greedy."""
     model = tiny_model(4)
@@ -250,24 +299,33 @@ def losses_and_generations(model):
     return losses, model.generate(PROMPTS, max_new_tokens=6)
 
 
-@pytest.mark.parametrize("k", [1, 4])
-def test_save_load_round_trip(tiny_model, tiny_base, tokenizer, tmp_path, k):
+@pytest.mark.parametrize(
+    "k, options",
+    [
+        (1, {}),
+        (4, {}),
+        (4, {"prepend_bos": True, "block_alignment": "segments", "encoder_input_norm": True}),
+    ],
+)
+def test_save_load_round_trip(tiny_model, tiny_base, tokenizer, tmp_path, k, options):
     """A saved model reloaded onto an identical base gives identical losses and generations."""
-    model = tiny_model(k, seed=11, block_alignment="end", lora_r=4)
+    options = {"block_alignment": "end", **options}
+    model = tiny_model(k, seed=11, lora_r=4, **options)
     randomise_trainables(model, seed=12)
     losses, generations = losses_and_generations(model)
 
     target = tmp_path / "ckpt"
     assert model.save_pretrained(target) == target
-    for name in (CONFIG_FILE, ENCODER_FILE, *ADAPTER_FILES):
-        assert (target / name).is_file(), name
-    for name in ("kmerge_config.json", "encoder.safetensors", "adapter_config.json",
-                 "adapter_model.safetensors"):
+    assert (CONFIG_FILE, ENCODER_FILE, *ADAPTER_FILES) == (
+        "kmerge_config.json", "encoder.safetensors", "adapter_config.json",
+        "adapter_model.safetensors",
+    )
+    for name in (CONFIG_FILE, ENCODER_FILE, *ADAPTER_FILES, "tokenizer/tokenizer.json"):
         assert (target / name).is_file(), name
 
     loaded = KMergeModel.from_pretrained(target, base=tiny_base(seed=11), tokenizer=tokenizer)
-    assert loaded.config.k == k and loaded.config.block_alignment == "end"
-    assert loaded.config.lora_r == 4
+    assert loaded.config == model.config
+    assert loaded.config.lora_r == 4 and loaded.config.block_alignment == options["block_alignment"]
     loaded_losses, loaded_generations = losses_and_generations(loaded)
     torch.testing.assert_close(loaded_losses, losses, rtol=0, atol=0)
     assert loaded_generations == generations
@@ -330,7 +388,18 @@ def test_refuses_edited_k(checkpoint, tiny_base, tokenizer, new_k):
     assert data["k"] == 4
     data["k"] = new_k
     path.write_text(json.dumps(data))
-    with pytest.raises(KMergeConfigError, match=f"config says K={new_k} but the saved encoder"):
+    with pytest.raises(KMergeConfigError, match=f"config says K={new_k} but the saved encoder was trained with K=4"):
+        KMergeModel.from_pretrained(checkpoint, base=tiny_base(), tokenizer=tokenizer)
+
+
+@pytest.mark.parametrize(
+    "edit", [{"encoder_input_norm": True}, {"encoder_layers": 3}, {"encoder_hidden_size": 8}]
+)
+def test_refuses_edited_encoder_shape(checkpoint, tiny_base, tokenizer, edit):
+    """Any encoder setting that disagrees with the saved tensors is caught."""
+    path = checkpoint / CONFIG_FILE
+    path.write_text(json.dumps({**json.loads(path.read_text()), **edit}))
+    with pytest.raises(KMergeConfigError, match="the saved encoder does not match"):
         KMergeModel.from_pretrained(checkpoint, base=tiny_base(), tokenizer=tokenizer)
 
 
@@ -369,7 +438,7 @@ def test_model_object_needs_tokenizer(checkpoint, tiny_base):
         ({"k": 0}, "K must be an integer >= 1, got 0"),
         ({"k": 2.5}, r"K must be an integer >= 1, got 2\.5 \(float\)"),
         ({"k": True}, r"got True \(bool\)"),
-        ({"block_alignment": "middle"}, "block_alignment must be 'start' or 'end'"),
+        ({"block_alignment": "middle"}, "block_alignment must be 'start', 'end' or 'segm"),
         ({"lora_r": 0}, "lora_r must be >= 1, got 0"),
     ],
 )

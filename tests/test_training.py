@@ -19,7 +19,7 @@ def small_run(tmp_path, **overrides) -> TrainConfig:
     return TrainConfig(**cfg)
 
 
-def test_train_learns_logs_and_checkpoints(tiny_model, tmp_path):
+def test_train_learns_logs_and_checkpoints(tiny_model, tiny_base, tmp_path):
     # A wider init than the default 0.02 lets the frozen random LM head express confident
     # predictions, so that the loss can fall far within a few steps.
     model = tiny_model(4, base_overrides={"initializer_range": 0.3})
@@ -32,10 +32,12 @@ def test_train_learns_logs_and_checkpoints(tiny_model, tmp_path):
     assert [r["step"] for r in evals] == list(range(2, 31, 2))
     saved = json.loads((tmp_path / "run" / "train_config.json").read_text())
     assert saved["steps"] == 30 and saved["model"]["k"] == 4
+    fresh_base = tiny_base(seed=0, initializer_range=0.3)  # the same weights, no adapter yet
     reloaded = KMergeModel.from_pretrained(
-        tmp_path / "run" / "checkpoint", base=model.lm, tokenizer=model.tokenizer
+        tmp_path / "run" / "checkpoint", base=fresh_base, tokenizer=model.tokenizer
     )
-    assert reloaded.k == 4
+    prompts, answers = ["Tree: AA\n+BB, Answer:"], ["true"]
+    assert reloaded(prompts, answers).loss.item() == pytest.approx(model(prompts, answers).loss.item())
     assert not list(tmp_path.glob("run/.checkpoint-*"))  # no temporary directory left behind
 
 

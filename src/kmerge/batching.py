@@ -56,6 +56,8 @@ def tokenize_answers(
 ) -> list[list[int]]:
     """Tokenise answers separately from their prompts (so block boundaries never depend on the
     answer), each preceded by ``separator`` and followed by EOS when ``append_eos``."""
+    if isinstance(answers, str):
+        raise KMergeDataError("answers must be a list of strings, got a single string")
     out: list[list[int]] = []
     for i, answer in enumerate(answers):
         if not isinstance(answer, str) or not answer.strip():
@@ -80,6 +82,13 @@ def block_spans(
     """
     if align == "start":
         return [(s, min(s + k, n_tokens)) for s in range(0, n_tokens, k)]
+    if align not in ("end", "segments"):
+        raise KMergeDataError(f"block alignment must be 'start', 'end' or 'segments', got {align!r}")
+    if align == "segments" and len(segment_starts) != n_tokens:
+        raise KMergeDataError(
+            f"'segments' alignment needs one segment flag per token: {n_tokens} tokens, "
+            f"{len(segment_starts)} flags"
+        )
     if align == "end":
         first = n_tokens % k or k
         return [(0, first)] + [(s, s + k) for s in range(first, n_tokens, k)]
@@ -163,8 +172,8 @@ def compress_batch(
             if length + reserve > max_positions:
                 raise KMergeDataError(
                     f"example {i} needs {length + reserve} positions ({len(n_prompt)} prompt tokens "
-                    f"-> {n_blocks[i]} blocks at K={k}, + {length - n_blocks[i]} answer tokens "
-                    f"+ {reserve} to generate) but the model's context is {max_positions}"
+                    f"-> {n_blocks[i]} prompt positions at K={k}, + {length - n_blocks[i]} answer "
+                    f"tokens + {reserve} to generate) but the model's context is {max_positions}"
                 )
     seq_len = max(lengths)
     batch, hidden = len(prompt_ids), merged.shape[-1]

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import PreTrainedModel
@@ -31,7 +32,7 @@ from kmerge.batching import (
     tokenize_prompts,
 )
 from kmerge.encoder import MergeEncoder, check_k
-from kmerge.errors import KMergeConfigError
+from kmerge.errors import KMergeConfigError, KMergeDataError
 from kmerge.models import DEFAULT_MODEL, load_base_model
 
 CONFIG_FILE = "kmerge_config.json"
@@ -124,6 +125,9 @@ class KMergeModel(nn.Module):
             base, tokenizer = load_base_model(base)
         elif tokenizer is None:
             raise KMergeConfigError("from_base with a model object also needs its tokenizer")
+        else:
+            # Record where the model came from so from_pretrained(dir) can find it again.
+            config.base_model = getattr(base, "name_or_path", "") or ""
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
         for p in base.parameters():
@@ -175,7 +179,7 @@ class KMergeModel(nn.Module):
         answer_ids = None
         if answers is not None:
             if len(answers) != len(prompt_ids):
-                raise KMergeConfigError(f"{len(prompt_ids)} prompts but {len(answers)} answers")
+                raise KMergeDataError(f"{len(prompt_ids)} prompts but {len(answers)} answers")
             answer_ids = tokenize_answers(
                 self.tokenizer, answers, self.config.answer_separator, self.config.append_eos
             )
@@ -262,23 +266,25 @@ class KMergeModel(nn.Module):
     ) -> list[list[int]]:
         """Like :meth:`generate` but returns the new token ids, cut before the first EOS.
         ``prompts`` may also be a batch from :meth:`prepare` (made with ``reserve``)."""
-        was_training = self.training
-        self.eval()
         batch = prompts if isinstance(prompts, CompressedBatch) else self.prepare(
             prompts, reserve=max_new_tokens
         )
+        was_training = self.training
+        self.eval()
         eos = self.tokenizer.eos_token_id
         generation_kwargs.setdefault("do_sample", False)
-        out = self.peft_model.generate(
-            inputs_embeds=batch.inputs_embeds,
-            attention_mask=batch.attention_mask,
-            position_ids=batch.position_ids,
-            max_new_tokens=max_new_tokens,
-            pad_token_id=self.tokenizer.pad_token_id,
-            eos_token_id=eos,
-            **generation_kwargs,
-        )
-        self.train(was_training)
+        try:
+            out = self.peft_model.generate(
+                inputs_embeds=batch.inputs_embeds,
+                attention_mask=batch.attention_mask,
+                position_ids=batch.position_ids,
+                max_new_tokens=max_new_tokens,
+                pad_token_id=self.tokenizer.pad_token_id,
+                eos_token_id=eos,
+                **generation_kwargs,
+            )
+        finally:
+            self.train(was_training)
         return [row[: row.index(eos)] if eos in row else row for row in out.tolist()]
 
     # ---------------------------------------------------------------- persistence
@@ -320,6 +326,11 @@ class KMergeModel(nn.Module):
             raise KMergeConfigError(f"checkpoint {directory} is missing {', '.join(missing)}")
         config = KMergeConfig.from_dict(json.loads((directory / CONFIG_FILE).read_text()))
         if base is None:
+            if not config.base_model:
+                raise KMergeConfigError(
+                    f"checkpoint {directory} was trained on an in-memory base model with no "
+                    "name; pass it with from_pretrained(directory, base=model, tokenizer=tok)"
+                )
             base = config.base_model
         if isinstance(base, str):
             base, loaded_tok = load_base_model(base)
@@ -335,14 +346,23 @@ class KMergeModel(nn.Module):
                 f"checkpoint {directory} was trained on a different base model "
                 f"({config.base_model!r}); mismatch (saved, given): {diff}"
             )
+        with safe_open(directory / ENCODER_FILE, "pt") as f:
+            saved_k = (f.metadata() or {}).get("k")
+        if saved_k is not None and int(saved_k) != config.k:
+            raise KMergeConfigError(
+                f"checkpoint {directory}: the config says K={config.k} but the saved encoder "
+                f"was trained with K={saved_k}"
+            )
         encoder_state = load_file(directory / ENCODER_FILE)
         encoder = cls._make_encoder(base, config)
         expected = {k: tuple(v.shape) for k, v in encoder.state_dict().items()}
         saved = {k: tuple(v.shape) for k, v in encoder_state.items()}
         if expected != saved:
             raise KMergeConfigError(
-                f"checkpoint {directory}: the config says K={config.k} but the saved encoder "
-                f"does not match (expected tensors {expected}, found {saved})"
+                f"checkpoint {directory}: the saved encoder does not match its config (K={config.k}, "
+                f"encoder_layers={config.encoder_layers}, encoder_hidden_size="
+                f"{config.encoder_hidden_size}, encoder_input_norm={config.encoder_input_norm}): "
+                f"expected tensors {expected}, found {saved}"
             )
         encoder.load_state_dict(encoder_state)
         for p in base.parameters():
