@@ -99,11 +99,11 @@ def test_make_blocks_by_hand(k, align, blocks, mask):
         (6, 3, "end", (), [(0, 3), (3, 6)]),
         (1, 4, "end", (), [(0, 1)]),
         (3, 1, "end", (), [(0, 1), (1, 2), (2, 3)]),
-        # a flagged token starts a block; blocks are still at most K long
-        (7, 3, "segments", [0, 0, 1, 0, 0, 0, 1], [(0, 2), (2, 5), (5, 6), (6, 7)]),
+        # a flagged token starts a segment; each segment is cut from its end into <= K blocks
+        (7, 3, "segments", [0, 0, 1, 0, 0, 0, 1], [(0, 2), (2, 3), (3, 6), (6, 7)]),
         (4, 4, "segments", [1, 0, 0, 0], [(0, 4)]),  # a flag on the first token changes nothing
         (4, 8, "segments", [0, 1, 1, 0], [(0, 1), (1, 2), (2, 4)]),
-        (5, 2, "segments", [0] * 5, [(0, 2), (2, 4), (4, 5)]),  # no flags: same as "start"
+        (5, 2, "segments", [0] * 5, [(0, 1), (1, 3), (3, 5)]),  # no flags: same as "end"
     ],
 )
 def test_block_spans_by_hand(n, k, align, starts, spans):
@@ -198,8 +198,9 @@ def test_compress_batch_merges_blocks_k2(align):
         expected = torch.stack([embed(torch.tensor(g)).mean(0) for g in groups])
         expected = torch.cat([expected, embed(torch.tensor([8]))])
         torch.testing.assert_close(batch.inputs_embeds[0], expected)
-        expected1 = torch.cat([embed(torch.tensor([6, 7])).mean(0, keepdim=True),
-                               embed(torch.tensor([9, 10]))])
+        expected1 = torch.cat(
+            [embed(torch.tensor([6, 7])).mean(0, keepdim=True), embed(torch.tensor([9, 10]))]
+        )
         torch.testing.assert_close(batch.inputs_embeds[1, 1:], expected1)
 
 
@@ -207,9 +208,7 @@ def test_compress_batch_prefix_tokens():
     """prefix_ids (e.g. BOS) go unmerged before every prompt and count as positions fed."""
     embed = embedding()
     prompts, answers = [[1, 2, 3, 4], [5]], [[6], [7, 8]]
-    batch = compress_batch(
-        embed, MergeEncoder(4, 2), prompts, answers, pad_id=P, prefix_ids=[9]
-    )
+    batch = compress_batch(embed, MergeEncoder(4, 2), prompts, answers, pad_id=P, prefix_ids=[9])
     assert batch.positions_fed == [1 + 2, 1 + 1]
     assert batch.prompt_tokens == [4, 1]
     n = IGNORE_INDEX
@@ -290,8 +289,27 @@ def test_prepare_segments(tiny_model, tokenizer):
     prompt = "name: Bob, age: 42, city: Paris\nnext line here, ok"
     ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     pieces = [tokenizer.decode([t]) for t in ids]
-    assert pieces == ["name", ":", " Bob", ",", " age", ":", " ", "4", "2", ",", " city", ":",
-                      " Paris", "\n", "next", " line", " here", ",", " ok"]
+    assert pieces == [
+        "name",
+        ":",
+        " Bob",
+        ",",
+        " age",
+        ":",
+        " ",
+        "4",
+        "2",
+        ",",
+        " city",
+        ":",
+        " Paris",
+        "\n",
+        "next",
+        " line",
+        " here",
+        ",",
+        " ok",
+    ]
     # blocks: name:Bob | ,age:_ | 42 | ,city:Paris | \nnext line here | ,ok
     batch = model.prepare([prompt, "no separators at all here"])
     assert batch.positions_fed[0] == 6

@@ -22,8 +22,27 @@ def tiny_dir(tmp_path, tokenizer):
 
 def test_train_eval_generate(tiny_dir, tmp_path, capsys):
     out = tmp_path / "run"
-    main(["train", "--base-model", str(tiny_dir), "--k", "4", "--steps", "3", "--batch-size", "4",
-          "--n-train", "32", "--n-eval", "8", "--eval-every", "3", "--output-dir", str(out)])
+    main(
+        [
+            "train",
+            "--base-model",
+            str(tiny_dir),
+            "--k",
+            "4",
+            "--steps",
+            "3",
+            "--batch-size",
+            "4",
+            "--n-train",
+            "32",
+            "--n-eval",
+            "8",
+            "--eval-every",
+            "3",
+            "--output-dir",
+            str(out),
+        ]
+    )
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["steps"] == 3
     ckpt = out / "checkpoint"
@@ -40,26 +59,52 @@ def test_train_eval_generate(tiny_dir, tmp_path, capsys):
     assert len(json.loads((tmp_path / "e.json").read_text())["predictions"]) == 8
 
     rows = tmp_path / "rows.jsonl"
-    rows.write_text('{"prompt": "Is the sky blue? Answer:", "answer": "yes"}\n'
-                    '{"prompt": "Is fire cold? Answer:", "answer": "no"}\n')
+    rows.write_text(
+        '{"prompt": "Is the sky blue? Answer:", "answer": "yes"}\n'
+        '{"prompt": "Is fire cold? Answer:", "answer": "no"}\n'
+    )
     main(["eval", "--checkpoint", str(ckpt), "--data", str(rows)])
     result = json.loads(capsys.readouterr().out)
     assert result["n"] == 2 and result["data"] == str(rows)
 
-    main(["generate", "--checkpoint", str(ckpt), "--prompt", "Tree: AA, Answer:",
-          "--max-new-tokens", "3"])
+    main(
+        [
+            "generate",
+            "--checkpoint",
+            str(ckpt),
+            "--prompt",
+            "Tree: AA, Answer:",
+            "--max-new-tokens",
+            "3",
+        ]
+    )
     assert len(capsys.readouterr().out.strip().splitlines()) == 1
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--k", "0"], "K must be an integer >= 1, got 0"),
-    (["--stage", "huge"], "huge"),
-    (["--curriculum", "small,nope"], "nope"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--k", "0"], "K must be an integer >= 1, got 0"),
+        (["--stage", "huge"], "huge"),
+        (["--curriculum", "small,nope"], "nope"),
+    ],
+)
 def test_bad_input_is_one_line(tiny_dir, tmp_path, capsys, argv, message):
     with pytest.raises(SystemExit) as exit_info:
-        main(["train", "--base-model", str(tiny_dir), "--steps", "1", "--n-train", "8",
-              "--output-dir", str(tmp_path / "r"), *argv])
+        main(
+            [
+                "train",
+                "--base-model",
+                str(tiny_dir),
+                "--steps",
+                "1",
+                "--n-train",
+                "8",
+                "--output-dir",
+                str(tmp_path / "r"),
+                *argv,
+            ]
+        )
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]  # progress bars may precede it
     assert err.startswith("kmerge: error:") and message in err

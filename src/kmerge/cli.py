@@ -18,15 +18,21 @@ DEFAULTS_MODEL = "smollm2-135m"
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
-    g.add_argument("--base-model", default=DEFAULTS_MODEL, help="embedded name, hub id or local dir")
+    g.add_argument(
+        "--base-model", default=DEFAULTS_MODEL, help="embedded name, hub id or local dir"
+    )
     g.add_argument("-k", "--k", type=int, default=4, help="block size K (1 = uncompressed)")
     g.add_argument("--lora-r", type=int, default=8)
     g.add_argument("--lora-alpha", type=int, default=16)
     g.add_argument("--lora-dropout", type=float, default=0.0)
     g.add_argument("--encoder-layers", type=int, default=2)
     g.add_argument("--encoder-hidden-size", type=int, default=None)
-    g.add_argument("--block-alignment", choices=("start", "end", "segments"), default="start",
-                   help="how prompts are cut into blocks (see KMergeConfig)")
+    g.add_argument(
+        "--block-alignment",
+        choices=("start", "end", "segments"),
+        default="start",
+        help="how prompts are cut into blocks (see KMergeConfig)",
+    )
     g.add_argument("--encoder-input-norm", action="store_true")
     g.add_argument("--prepend-bos", action="store_true")
 
@@ -41,7 +47,9 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("training")
-    g.add_argument("--curriculum", default=None, help="comma-separated tree stages, e.g. small,xsmall")
+    g.add_argument(
+        "--curriculum", default=None, help="comma-separated tree stages, e.g. small,xsmall"
+    )
     g.add_argument("--gate", type=float, default=0.85)
     g.add_argument("--final-gate", type=float, default=0.95)
     g.add_argument("--train-file", default=None, help='JSON Lines {"prompt", "answer"}')
@@ -61,10 +69,16 @@ def _model_config(args: argparse.Namespace):
     from kmerge.modeling import KMergeConfig
 
     return KMergeConfig(
-        k=args.k, base_model=args.base_model, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
-        lora_dropout=args.lora_dropout, encoder_layers=args.encoder_layers,
-        encoder_hidden_size=args.encoder_hidden_size, block_alignment=args.block_alignment,
-        encoder_input_norm=args.encoder_input_norm, prepend_bos=args.prepend_bos,
+        k=args.k,
+        base_model=args.base_model,
+        lora_r=args.lora_r,
+        lora_alpha=args.lora_alpha,
+        lora_dropout=args.lora_dropout,
+        encoder_layers=args.encoder_layers,
+        encoder_hidden_size=args.encoder_hidden_size,
+        block_alignment=args.block_alignment,
+        encoder_input_norm=args.encoder_input_norm,
+        prepend_bos=args.prepend_bos,
     )
 
 
@@ -72,13 +86,26 @@ def _train_config(args: argparse.Namespace, **extra):
     from kmerge.training import TrainConfig
 
     return TrainConfig(
-        model=_model_config(args), task=args.task, stage=args.stage,
+        model=_model_config(args),
+        task=args.task,
+        stage=args.stage,
         curriculum=args.curriculum.split(",") if args.curriculum else None,
-        gate=args.gate, final_gate=args.final_gate, train_file=args.train_file,
-        eval_file=args.eval_file, n_train=args.n_train, n_eval=args.n_eval, steps=args.steps,
-        batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
-        encoder_lr=args.encoder_lr, warmup_steps=args.warmup_steps,
-        max_grad_norm=args.max_grad_norm, eval_every=args.eval_every, seed=args.seed, **extra,
+        gate=args.gate,
+        final_gate=args.final_gate,
+        train_file=args.train_file,
+        eval_file=args.eval_file,
+        n_train=args.n_train,
+        n_eval=args.n_eval,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        grad_accum=args.grad_accum,
+        lr=args.lr,
+        encoder_lr=args.encoder_lr,
+        warmup_steps=args.warmup_steps,
+        max_grad_norm=args.max_grad_norm,
+        eval_every=args.eval_every,
+        seed=args.seed,
+        **extra,
     )
 
 
@@ -86,9 +113,16 @@ def cmd_train(args: argparse.Namespace) -> None:
     from kmerge.training import train
 
     result = train(_train_config(args, output_dir=args.output_dir))
-    print(json.dumps({"steps": result.steps, "train_seconds": round(result.train_seconds, 1),
-                      "final_accuracy": (result.final_eval or {}).get("accuracy"),
-                      "checkpoint": str(Path(args.output_dir) / "checkpoint")}))
+    print(
+        json.dumps(
+            {
+                "steps": result.steps,
+                "train_seconds": round(result.train_seconds, 1),
+                "final_accuracy": (result.final_eval or {}).get("accuracy"),
+                "checkpoint": str(Path(args.output_dir) / "checkpoint"),
+            }
+        )
+    )
 
 
 def _load(args: argparse.Namespace):
@@ -162,7 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--data", default=None, help='JSON Lines {"prompt", "answer"} rows')
             p.add_argument("--output", default=None, help="write results + predictions as JSON")
         else:
-            p.add_argument("--prompt", action="append", help="prompt (repeatable; default: stdin lines)")
+            p.add_argument(
+                "--prompt", action="append", help="prompt (repeatable; default: stdin lines)"
+            )
             p.add_argument("--max-new-tokens", type=int, default=32)
             p.add_argument("--do-sample", action="store_true")
             p.add_argument("--temperature", type=float, default=1.0)

@@ -24,23 +24,31 @@ COLUMNS = ("method", "K", "prompt tokens", "positions fed", "compression", "accu
 def demo_configs(ks: tuple[int, ...] = (1, 4), **overrides) -> list[TrainConfig]:
     """The demo's runs: one TrainConfig per K, identical except for K."""
     model_overrides = overrides.pop("model", {})
-    return [
-        TrainConfig(model=KMergeConfig(k=k, **model_overrides), **overrides) for k in ks
-    ]
+    return [TrainConfig(model=KMergeConfig(k=k, **model_overrides), **overrides) for k in ks]
 
 
 def format_table(rows: list[dict]) -> str:
     lines = [" | ".join(COLUMNS), " | ".join("---" for _ in COLUMNS)]
     for r in rows:
-        lines.append(" | ".join([
-            r["method"], str(r["k"]), f"{r['mean_prompt_tokens']:.1f}",
-            f"{r['mean_positions_fed']:.1f}", f"{r['compression']:.2f}x",
-            f"{100 * r['accuracy']:.1f}%", f"{r['train_seconds']:.0f}",
-        ]))
+        lines.append(
+            " | ".join(
+                [
+                    r["method"],
+                    str(r["k"]),
+                    f"{r['mean_prompt_tokens']:.1f}",
+                    f"{r['mean_positions_fed']:.1f}",
+                    f"{r['compression']:.2f}x",
+                    f"{100 * r['accuracy']:.1f}%",
+                    f"{r['train_seconds']:.0f}",
+                ]
+            )
+        )
     return "\n".join(lines)
 
 
-def run_demo(output_dir: str | Path = "runs/demo", ks: tuple[int, ...] = (1, 4), **overrides) -> list[dict]:
+def run_demo(
+    output_dir: str | Path = "runs/demo", ks: tuple[int, ...] = (1, 4), **overrides
+) -> list[dict]:
     """Train and evaluate one model per K; print and save the comparison table."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -49,26 +57,33 @@ def run_demo(output_dir: str | Path = "runs/demo", ks: tuple[int, ...] = (1, 4),
         cfg = dataclasses.replace(cfg, output_dir=str(output_dir / f"k{cfg.model.k}"))
         result = train(cfg)  # ends with an evaluation on the full held-out set
         final = result.final_eval
-        rows.append({
-            "method": "uncompressed LoRA" if cfg.model.k == 1 else "K-Token Merging",
-            "k": cfg.model.k,
-            "stage": cfg.stage,
-            "steps": result.steps,
-            "batch_size": cfg.batch_size,
-            "train_seconds": result.train_seconds,
-            **{k: v for k, v in final.items() if k != "predictions"},
-            "curve": [h for h in result.history if "eval_accuracy" in h],
-        })
+        rows.append(
+            {
+                "method": "uncompressed LoRA" if cfg.model.k == 1 else "K-Token Merging",
+                "k": cfg.model.k,
+                "stage": cfg.stage,
+                "steps": result.steps,
+                "batch_size": cfg.batch_size,
+                "train_seconds": result.train_seconds,
+                **{k: v for k, v in final.items() if k != "predictions"},
+                "curve": [h for h in result.history if "eval_accuracy" in h],
+            }
+        )
         del result
     table = format_table(rows)
-    print(f"\nTextualized Tree, stage {rows[0]['stage']}, {rows[0]['steps']} steps of batch "
-          f"{rows[0]['batch_size']}, held-out n={rows[0]['n']}\n")
+    print(
+        f"\nTextualized Tree, stage {rows[0]['stage']}, {rows[0]['steps']} steps of batch "
+        f"{rows[0]['batch_size']}, held-out n={rows[0]['n']}\n"
+    )
     print(table)
     summary = {
         "rows": rows,
         "table": table,
-        "machine": {"platform": platform.platform(), "torch": torch.__version__,
-                    "threads": torch.get_num_threads()},
+        "machine": {
+            "platform": platform.platform(),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+        },
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
     (output_dir / "results.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -68,7 +68,6 @@ class MergeEncoder(nn.Module):
             nn.init.zeros_(last.weight)
             nn.init.zeros_(last.bias)
 
-
     def forward(self, blocks: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         if blocks.dim() != 4 or blocks.shape[2] != self.k or blocks.shape[3] != self.hidden_size:
             raise KMergeConfigError(

@@ -35,7 +35,9 @@ def evaluate(
         raise ValueError("evaluate needs at least one example")
     tok = model.tokenizer
     if max_new_tokens is None:
-        longest = max(len(tok(model.config.answer_separator + e.answer)["input_ids"]) for e in examples)
+        longest = max(
+            len(tok(model.config.answer_separator + e.answer)["input_ids"]) for e in examples
+        )
         max_new_tokens = longest + 1
     predictions: list[str] = []
     prompt_tokens = positions_fed = 0

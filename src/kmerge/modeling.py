@@ -106,7 +106,9 @@ def base_fingerprint(model: PreTrainedModel) -> dict:
 class KMergeModel(nn.Module):
     """Base causal LM with LoRA adapters, fed K-merged prompts."""
 
-    def __init__(self, peft_model: PeftModel, encoder: MergeEncoder, tokenizer, config: KMergeConfig):
+    def __init__(
+        self, peft_model: PeftModel, encoder: MergeEncoder, tokenizer, config: KMergeConfig
+    ):
         super().__init__()
         self.peft_model = peft_model
         self.encoder = encoder
@@ -148,7 +150,10 @@ class KMergeModel(nn.Module):
     def _make_encoder(base: PreTrainedModel, config: KMergeConfig) -> MergeEncoder:
         emb = base.get_input_embeddings().weight
         return MergeEncoder(
-            emb.shape[1], config.k, config.encoder_hidden_size, config.encoder_layers,
+            emb.shape[1],
+            config.k,
+            config.encoder_hidden_size,
+            config.encoder_layers,
             config.encoder_input_norm,
         ).to(device=emb.device, dtype=emb.dtype)
 
@@ -205,7 +210,8 @@ class KMergeModel(nn.Module):
             vocab = self.tokenizer.convert_ids_to_tokens(list(range(len(self.tokenizer))))
             self._segment_table = [
                 self.tokenizer.convert_tokens_to_string([t]).lstrip(" ").startswith(chars)
-                if t is not None else False
+                if t is not None
+                else False
                 for t in vocab
             ]
         return [[self._segment_table[t] for t in ids] for ids in prompt_ids]
@@ -266,8 +272,10 @@ class KMergeModel(nn.Module):
     ) -> list[list[int]]:
         """Like :meth:`generate` but returns the new token ids, cut before the first EOS.
         ``prompts`` may also be a batch from :meth:`prepare` (made with ``reserve``)."""
-        batch = prompts if isinstance(prompts, CompressedBatch) else self.prepare(
-            prompts, reserve=max_new_tokens
+        batch = (
+            prompts
+            if isinstance(prompts, CompressedBatch)
+            else self.prepare(prompts, reserve=max_new_tokens)
         )
         was_training = self.training
         self.eval()
@@ -313,7 +321,10 @@ class KMergeModel(nn.Module):
 
     @classmethod
     def from_pretrained(
-        cls, directory: str | Path, base: str | PreTrainedModel | None = None, tokenizer=None,
+        cls,
+        directory: str | Path,
+        base: str | PreTrainedModel | None = None,
+        tokenizer=None,
         is_trainable: bool = False,
     ) -> KMergeModel:
         """Rebuild a saved model. ``base`` defaults to the base model named in the config; a
@@ -321,7 +332,9 @@ class KMergeModel(nn.Module):
         directory = Path(directory)
         if not directory.is_dir():
             raise KMergeConfigError(f"checkpoint {directory} does not exist or is not a directory")
-        missing = [f for f in (CONFIG_FILE, ENCODER_FILE, *ADAPTER_FILES) if not (directory / f).is_file()]
+        missing = [
+            f for f in (CONFIG_FILE, ENCODER_FILE, *ADAPTER_FILES) if not (directory / f).is_file()
+        ]
         if missing:
             raise KMergeConfigError(f"checkpoint {directory} is missing {', '.join(missing)}")
         config = KMergeConfig.from_dict(json.loads((directory / CONFIG_FILE).read_text()))
@@ -341,7 +354,11 @@ class KMergeModel(nn.Module):
             tokenizer.pad_token = tokenizer.eos_token
         found = base_fingerprint(base)
         if config.base_fingerprint and found != config.base_fingerprint:
-            diff = {k: (v, found.get(k)) for k, v in config.base_fingerprint.items() if found.get(k) != v}
+            diff = {
+                k: (v, found.get(k))
+                for k, v in config.base_fingerprint.items()
+                if found.get(k) != v
+            }
             raise KMergeConfigError(
                 f"checkpoint {directory} was trained on a different base model "
                 f"({config.base_model!r}); mismatch (saved, given): {diff}"

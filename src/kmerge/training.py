@@ -120,7 +120,9 @@ def train(cfg: TrainConfig, model: KMergeModel | None = None) -> TrainResult:
     scheduler = get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps, total_steps)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     history: list[dict] = []
-    metrics_file = (out_dir / "metrics.jsonl").open("w") if out_dir and accelerator.is_main_process else None
+    metrics_file = (
+        (out_dir / "metrics.jsonl").open("w") if out_dir and accelerator.is_main_process else None
+    )
 
     def log(record: dict) -> None:
         history.append(record)
@@ -167,17 +169,34 @@ def train(cfg: TrainConfig, model: KMergeModel | None = None) -> TrainResult:
                 raise FloatingPointError(f"loss became {running} at step {step}; stopping")
             if step % cfg.log_every == 0:
                 avg = running / cfg.log_every
-                log({"step": step, "stage": stage, "loss": avg, "lr": scheduler.get_last_lr()[0],
-                     "elapsed": time.perf_counter() - start})
+                log(
+                    {
+                        "step": step,
+                        "stage": stage,
+                        "loss": avg,
+                        "lr": scheduler.get_last_lr()[0],
+                        "elapsed": time.perf_counter() - start,
+                    }
+                )
                 bar.set_postfix(loss=f"{avg:.3f}", stage=stage)
                 running = 0.0
             if step % cfg.eval_every == 0 or stage_step == cfg.steps:
-                final_eval = evaluate(accelerator.unwrap_model(model), eval_examples, progress=False)
+                final_eval = evaluate(
+                    accelerator.unwrap_model(model), eval_examples, progress=False
+                )
                 eval_seconds += final_eval["eval_seconds"]
                 model.train()
-                log({"step": step, "stage": stage, "eval_accuracy": final_eval["accuracy"],
-                     "elapsed": time.perf_counter() - start})
-                bar.write(f"step {step} stage {stage}: held-out accuracy {final_eval['accuracy']:.3f}")
+                log(
+                    {
+                        "step": step,
+                        "stage": stage,
+                        "eval_accuracy": final_eval["accuracy"],
+                        "elapsed": time.perf_counter() - start,
+                    }
+                )
+                bar.write(
+                    f"step {step} stage {stage}: held-out accuracy {final_eval['accuracy']:.3f}"
+                )
                 if cfg.curriculum and final_eval["accuracy"] >= gate:
                     break
     bar.close()
