@@ -178,7 +178,8 @@ def compress_batch(
         for i, (length, n_prompt) in enumerate(zip(lengths, prompt_ids)):
             if length + reserve > max_positions:
                 raise KMergeDataError(
-                    f"example {i} needs {length + reserve} positions ({len(n_prompt)} prompt tokens "
+                    f"example {i} needs {length + reserve} positions "
+                    f"({len(n_prompt)} prompt tokens "
                     f"-> {n_blocks[i]} prompt positions at K={k}, + {length - n_blocks[i]} answer "
                     f"tokens + {reserve} to generate) but the model's context is {max_positions}"
                 )

@@ -169,7 +169,10 @@ def cmd_generate(args: argparse.Namespace) -> None:
 def cmd_demo(args: argparse.Namespace) -> None:
     from kmerge.demo import run_demo
 
-    run_demo(args.output_dir)
+    overrides = {k: v for k, v in vars(args).items() if k in ("steps", "batch_size", "stage")}
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    ks = tuple(int(k) for k in args.ks.split(","))
+    run_demo(args.output_dir, ks=ks, **overrides)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -207,6 +210,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="K=4 vs uncompressed K=1 on the embedded model (CPU)")
     p.add_argument("--output-dir", default="runs/demo")
+    p.add_argument("--ks", default="1,4", help="comma-separated K values to compare")
+    p.add_argument("--steps", type=int, default=None, help="override the demo's step budget")
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--stage", default=None)
     p.set_defaults(func=cmd_demo)
     return parser
 

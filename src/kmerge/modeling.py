@@ -376,7 +376,8 @@ class KMergeModel(nn.Module):
         saved = {k: tuple(v.shape) for k, v in encoder_state.items()}
         if expected != saved:
             raise KMergeConfigError(
-                f"checkpoint {directory}: the saved encoder does not match its config (K={config.k}, "
+                f"checkpoint {directory}: the saved encoder does not match its config "
+                f"(K={config.k}, "
                 f"encoder_layers={config.encoder_layers}, encoder_hidden_size="
                 f"{config.encoder_hidden_size}, encoder_input_norm={config.encoder_input_norm}): "
                 f"expected tensors {expected}, found {saved}"

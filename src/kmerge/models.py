@@ -48,7 +48,8 @@ def find_embedded_gguf(name: str) -> Path:
         dist = importlib.metadata.distribution(dist_name)
     except importlib.metadata.PackageNotFoundError:
         raise KMergeConfigError(
-            f"model {name!r} needs the package {dist_name!r}, which is not installed; {install_hint}"
+            f"model {name!r} needs the package {dist_name!r}, which is not installed; "
+            f"{install_hint}"
         ) from None
     for f in dist.files or ():
         if Path(str(f)).name == file_name:

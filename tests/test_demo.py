@@ -1,0 +1,33 @@
+"""The demo recipe on a tiny local model: same settings for every K, a table, a JSON file."""
+
+from __future__ import annotations
+
+import json
+
+from kmerge.demo import demo_configs, run_demo
+from tests.conftest import build_tiny_base
+
+
+def test_demo_configs_differ_only_in_k():
+    a, b = demo_configs((1, 4))
+    assert (a.model.k, b.model.k) == (1, 4)
+    a.model.k = b.model.k
+    a.model.base_fingerprint = b.model.base_fingerprint
+    assert a == b
+
+
+def test_run_demo_writes_table_and_json(tmp_path, tokenizer, capsys):
+    base = tmp_path / "tiny"
+    build_tiny_base(len(tokenizer)).save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    rows = run_demo(
+        tmp_path / "demo", ks=(1, 4), model={"base_model": str(base)}, steps=2, batch_size=2,
+        n_train=8, n_eval=4, eval_every=2, progress=False,
+    )
+    assert [r["k"] for r in rows] == [1, 4]
+    assert rows[0]["compression"] == 1.0 and rows[1]["compression"] > 2.0
+    out = capsys.readouterr().out
+    assert "K-Token Merging" in out and "uncompressed LoRA" in out
+    saved = json.loads((tmp_path / "demo" / "results.json").read_text())
+    assert [r["k"] for r in saved["rows"]] == [1, 4] and saved["table"] in out
+    assert (tmp_path / "demo" / "k4" / "checkpoint" / "encoder.safetensors").is_file()
