@@ -21,8 +21,15 @@ def test_run_demo_writes_table_and_json(tmp_path, tokenizer, capsys):
     build_tiny_base(len(tokenizer)).save_pretrained(base)
     tokenizer.save_pretrained(base)
     rows = run_demo(
-        tmp_path / "demo", ks=(1, 4), model={"base_model": str(base)}, steps=2, batch_size=2,
-        n_train=8, n_eval=4, eval_every=2, progress=False,
+        tmp_path / "demo",
+        ks=(1, 4),
+        model={"base_model": str(base)},
+        steps=2,
+        batch_size=2,
+        n_train=8,
+        n_eval=4,
+        eval_every=2,
+        progress=False,
     )
     assert [r["k"] for r in rows] == [1, 4]
     assert rows[0]["compression"] == 1.0 and rows[1]["compression"] > 2.0

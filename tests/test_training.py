@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from kmerge.modeling import KMergeConfig, KMergeModel
 from kmerge.training import TrainConfig, make_optimizer, train
@@ -102,3 +103,25 @@ def test_bad_train_config(bad):
 
     with pytest.raises(KMergeConfigError):
         TrainConfig(**bad)
+
+
+def test_gradient_accumulation_matches_a_bigger_batch(tiny_model, tmp_path):
+    """Two micro-batches of 2 accumulate to the same update as one batch of 4 (every example
+    here has the same number of answer tokens, so the token means agree)."""
+    weights = []
+    for batch_size, accum in ((4, 1), (2, 2)):
+        model = tiny_model(4, seed=0)
+        cfg = small_run(
+            tmp_path,
+            steps=1,
+            batch_size=batch_size,
+            grad_accum=accum,
+            eval_every=100,
+            lr=1e-2,
+            warmup_steps=0,
+            output_dir=None,
+        )
+        train(cfg, model=model)
+        weights.append([p.detach().clone() for p in model.trainable_parameters()])
+    for a, b in zip(*weights):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

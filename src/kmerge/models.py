@@ -124,5 +124,7 @@ def load_base_model(
     if tokenizer.pad_token_id is None:
         # Padding positions are always masked, so any id works; EOS is the usual choice.
         tokenizer.pad_token = tokenizer.eos_token
+    # Remember the portable name (not this machine's cache path): checkpoints record it.
+    model.name_or_path = model.config.name_or_path = name_or_path
     model.eval()
     return model, tokenizer
