@@ -302,7 +302,9 @@ class KMergeModel(nn.Module):
         directory.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}-", dir=directory.parent))
         try:
-            self.peft_model.save_pretrained(tmp)
+            # Embeddings are never trained (they feed the encoder); saying so also stops peft
+            # from looking the base model up on the hub.
+            self.peft_model.save_pretrained(tmp, save_embedding_layers=False)
             state = {k: v.detach().cpu().contiguous() for k, v in self.encoder.state_dict().items()}
             save_file(state, tmp / ENCODER_FILE, metadata={"k": str(self.k)})
             (tmp / CONFIG_FILE).write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
