@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import warnings
 from pathlib import Path
 
 from kmerge.errors import KMergeError
@@ -220,8 +219,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    # peft asks transformers for a deprecated attribute on every forward; not the user's concern.
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
