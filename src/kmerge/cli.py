@@ -171,6 +171,8 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
     overrides = {k: v for k, v in vars(args).items() if k in ("steps", "batch_size", "stage")}
     overrides = {k: v for k, v in overrides.items() if v is not None}
+    if args.block_alignment:
+        overrides["model"] = {"block_alignment": args.block_alignment}
     ks = tuple(int(k) for k in args.ks.split(","))
     run_demo(args.output_dir, ks=ks, **overrides)
 
@@ -214,6 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="override the demo's step budget")
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--stage", default=None)
+    p.add_argument("--block-alignment", choices=("start", "end", "segments"), default=None)
     p.set_defaults(func=cmd_demo)
     return parser
 
