@@ -38,3 +38,26 @@ def test_run_demo_writes_table_and_json(tmp_path, tokenizer, capsys):
     saved = json.loads((tmp_path / "demo" / "results.json").read_text())
     assert [r["k"] for r in saved["rows"]] == [1, 4] and saved["table"] in out
     assert (tmp_path / "demo" / "k4" / "checkpoint" / "encoder.safetensors").is_file()
+
+
+def test_demo_cli_passes_overrides(monkeypatch, tmp_path):
+    """`kmerge demo --block-alignment segments --ks 4 --steps 3` reaches run_demo as overrides."""
+    import kmerge.demo
+    from kmerge.cli import main
+
+    seen = {}
+    monkeypatch.setattr(kmerge.demo, "run_demo", lambda out, ks, **kw: seen.update(ks=ks, **kw))
+    main(
+        [
+            "demo",
+            "--output-dir",
+            str(tmp_path),
+            "--ks",
+            "4",
+            "--steps",
+            "3",
+            "--block-alignment",
+            "segments",
+        ]
+    )
+    assert seen == {"ks": (4,), "steps": 3, "model": {"block_alignment": "segments"}}
