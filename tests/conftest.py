@@ -119,3 +119,12 @@ def randomise_trainables(model: torch.nn.Module, seed: int = 0, std: float = 0.0
                 p.copy_(torch.randn(p.shape, generator=generator, dtype=p.dtype) * std)
                 n += 1
     return n
+
+
+@pytest.fixture
+def tiny_dir(tmp_path, tokenizer):
+    """A tiny random Llama saved as a local model directory (a stand-in for a hub model)."""
+    path = tmp_path / "tiny-base"
+    build_tiny_base(len(tokenizer), seed=0).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

@@ -8,16 +8,6 @@ import json
 import pytest
 
 from kmerge.cli import main
-from tests.conftest import build_tiny_base
-
-
-@pytest.fixture
-def tiny_dir(tmp_path, tokenizer):
-    """A tiny random Llama saved as a local model directory (a stand-in for a hub model)."""
-    path = tmp_path / "tiny-base"
-    build_tiny_base(len(tokenizer), seed=0).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
 
 
 def test_train_eval_generate(tiny_dir, tmp_path, capsys):

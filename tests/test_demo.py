@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 from kmerge.demo import demo_configs, run_demo
-from tests.conftest import build_tiny_base
 
 
 def test_demo_configs_differ_only_in_k():
@@ -16,14 +15,11 @@ def test_demo_configs_differ_only_in_k():
     assert a == b
 
 
-def test_run_demo_writes_table_and_json(tmp_path, tokenizer, capsys):
-    base = tmp_path / "tiny"
-    build_tiny_base(len(tokenizer)).save_pretrained(base)
-    tokenizer.save_pretrained(base)
+def test_run_demo_writes_table_and_json(tmp_path, tiny_dir, capsys):
     rows = run_demo(
         tmp_path / "demo",
         ks=(1, 4),
-        model={"base_model": str(base)},
+        model={"base_model": str(tiny_dir)},
         steps=2,
         batch_size=2,
         n_train=8,
