@@ -12,11 +12,12 @@ real positions (0, 1, 2, ...), so each example sees exactly what it would see al
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
+from torch import nn
 
 from kmerge.encoder import MergeEncoder
 from kmerge.errors import KMergeDataError
@@ -135,7 +136,7 @@ def make_blocks(
 
 
 def compress_batch(
-    embed: Callable[[torch.Tensor], torch.Tensor],
+    embed: nn.Embedding,
     encoder: MergeEncoder,
     prompt_ids: Sequence[Sequence[int]],
     answer_ids: Sequence[Sequence[int]] | None = None,
@@ -160,29 +161,28 @@ def compress_batch(
             attention sink; they count as positions fed.
     """
     k = encoder.k
-    block_ids, block_mask, n_blocks = make_blocks(prompt_ids, k, pad_id, align, segment_starts)
-    device = next(iter(encoder.parameters()), None)
-    device = device.device if device is not None else embed.weight.device  # type: ignore[attr-defined]
-    block_ids, block_mask = block_ids.to(device), block_mask.to(device)
-    merged = encoder(embed(block_ids), block_mask)  # [B, N, H]
-    if prefix_ids:
-        prefix = embed(torch.as_tensor(list(prefix_ids), dtype=torch.long, device=device))
-        merged = torch.cat([prefix.unsqueeze(0).expand(len(n_blocks), -1, -1), merged], dim=1)
-        n_blocks = [n + len(prefix_ids) for n in n_blocks]
-
     answer_ids = answer_ids or [[] for _ in prompt_ids]
     if len(answer_ids) != len(prompt_ids):
         raise KMergeDataError(f"{len(prompt_ids)} prompts but {len(answer_ids)} answers")
+    block_ids, block_mask, n_blocks = make_blocks(prompt_ids, k, pad_id, align, segment_starts)
+    n_blocks = [n + len(prefix_ids) for n in n_blocks]
     lengths = [n + len(a) for n, a in zip(n_blocks, answer_ids)]
+    # Check the context before any model work: nothing is ever truncated silently.
     if max_positions is not None:
-        for i, (length, n_prompt) in enumerate(zip(lengths, prompt_ids)):
+        for i, (length, prompt) in enumerate(zip(lengths, prompt_ids)):
             if length + reserve > max_positions:
                 raise KMergeDataError(
-                    f"example {i} needs {length + reserve} positions "
-                    f"({len(n_prompt)} prompt tokens "
-                    f"-> {n_blocks[i]} prompt positions at K={k}, + {length - n_blocks[i]} answer "
-                    f"tokens + {reserve} to generate) but the model's context is {max_positions}"
+                    f"example {i} needs {length + reserve} positions ({len(prompt)} prompt "
+                    f"tokens -> {n_blocks[i]} prompt positions at K={k}, + "
+                    f"{length - n_blocks[i]} answer tokens + {reserve} to generate) but the "
+                    f"model's context is {max_positions}"
                 )
+
+    device = embed.weight.device
+    merged = encoder(embed(block_ids.to(device)), block_mask.to(device))  # [B, N, H]
+    if prefix_ids:
+        prefix = embed(torch.as_tensor(list(prefix_ids), dtype=torch.long, device=device))
+        merged = torch.cat([prefix.unsqueeze(0).expand(len(n_blocks), -1, -1), merged], dim=1)
     seq_len = max(lengths)
     batch, hidden = len(prompt_ids), merged.shape[-1]
     inputs_embeds = merged.new_zeros(batch, seq_len, hidden)
@@ -193,7 +193,7 @@ def compress_batch(
     flat_answers = [t for a in answer_ids for t in a]
     answer_embeds = (
         embed(torch.as_tensor(flat_answers, dtype=torch.long, device=device))
-        if (flat_answers)
+        if flat_answers
         else None
     )
     offset = 0
