@@ -125,3 +125,16 @@ def test_gradient_accumulation_matches_a_bigger_batch(tiny_model, tmp_path):
         weights.append([p.detach().clone() for p in model.trainable_parameters()])
     for a, b in zip(*weights):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_train_file_without_held_out_data_skips_evaluation(tiny_model, tmp_path):
+    rows = tmp_path / "train.jsonl"
+    rows.write_text(
+        "".join(json.dumps({"prompt": f"Say {i}:", "answer": str(i)}) + "\n" for i in range(6))
+    )
+    result = train(
+        small_run(tmp_path, train_file=str(rows), steps=3, log_every=2), model=tiny_model(2)
+    )
+    assert result.final_eval is None
+    assert [r["step"] for r in result.history] == [2]  # step 3 is not a logging step
+    assert not any("eval_accuracy" in r for r in result.history)

@@ -145,9 +145,10 @@ def train(cfg: TrainConfig, model: KMergeModel | None = None) -> TrainResult:
             drop_last=len(train_examples) >= cfg.batch_size,
         )
         loader = accelerator.prepare(loader)
-        stage_step, running, batches = 0, 0.0, iter(loader)
+        stage_step, window, batches = 0, [], iter(loader)  # window: losses since the last log
         model.train()
         while stage_step < cfg.steps:
+            step_loss = 0.0
             for _ in range(cfg.grad_accum):
                 try:
                     batch = next(batches)
@@ -162,13 +163,14 @@ def train(cfg: TrainConfig, model: KMergeModel | None = None) -> TrainResult:
                     optimizer.step()
                     scheduler.step()
                     optimizer.zero_grad()
-                running += out.loss.item() / cfg.grad_accum
+                step_loss += out.loss.item() / cfg.grad_accum
             step, stage_step = step + 1, stage_step + 1
             bar.update(1)
-            if not math.isfinite(running):
-                raise FloatingPointError(f"loss became {running} at step {step}; stopping")
+            if not math.isfinite(step_loss):
+                raise FloatingPointError(f"loss became {step_loss} at step {step}; stopping")
+            window.append(step_loss)
             if step % cfg.log_every == 0:
-                avg = running / cfg.log_every
+                avg = sum(window) / len(window)
                 log(
                     {
                         "step": step,
@@ -179,8 +181,8 @@ def train(cfg: TrainConfig, model: KMergeModel | None = None) -> TrainResult:
                     }
                 )
                 bar.set_postfix(loss=f"{avg:.3f}", stage=stage)
-                running = 0.0
-            if step % cfg.eval_every == 0 or stage_step == cfg.steps:
+                window = []
+            if eval_examples and (step % cfg.eval_every == 0 or stage_step == cfg.steps):
                 final_eval = evaluate(
                     accelerator.unwrap_model(model), eval_examples, progress=False
                 )
