@@ -56,7 +56,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--eval-file", default=None)
     g.add_argument("--n-train", type=int, default=2048)
     g.add_argument("--steps", type=int, default=300, help="optimizer steps (per curriculum stage)")
-    g.add_argument("--batch-size", type=int, default=16)
+    g.add_argument("--batch-size", type=int, default=32)
     g.add_argument("--grad-accum", type=int, default=1)
     g.add_argument("--lr", type=float, default=3e-4)
     g.add_argument("--encoder-lr", type=float, default=None)
