@@ -12,15 +12,12 @@ import sys
 from pathlib import Path
 
 from kmerge.errors import KMergeError
-
-DEFAULTS_MODEL = "smollm2-135m"
+from kmerge.models import DEFAULT_MODEL
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
-    g.add_argument(
-        "--base-model", default=DEFAULTS_MODEL, help="embedded name, hub id or local dir"
-    )
+    g.add_argument("--base-model", default=DEFAULT_MODEL, help="embedded name, hub id or local dir")
     g.add_argument("-k", "--k", type=int, default=4, help="block size K (1 = uncompressed)")
     g.add_argument("--lora-r", type=int, default=8)
     g.add_argument("--lora-alpha", type=int, default=16)
@@ -135,17 +132,16 @@ def _load(args: argparse.Namespace):
 
 def cmd_eval(args: argparse.Namespace) -> None:
     from kmerge.evaluation import evaluate
-    from kmerge.tasks import get_task, load_jsonl_examples
+    from kmerge.tasks import load_jsonl_examples
+    from kmerge.training import build_task
 
     model = _load(args)
     if args.data:
         examples = load_jsonl_examples(args.data)[: args.n_eval]
         source = args.data
     else:
-        kwargs = {"seed": args.seed}
-        if args.task == "tree":
-            kwargs |= {"stage": args.stage, "n_test": args.n_eval}
-        examples = get_task(args.task, **kwargs).examples("test", args.n_eval)
+        task = build_task(args.task, args.seed, args.stage, args.n_eval)
+        examples = task.examples("test", args.n_eval)
         source = f"{args.task}:{args.stage}" if args.task == "tree" else args.task
     result = evaluate(model, examples, batch_size=args.batch_size)
     predictions = result.pop("predictions")

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 from transformers import PreTrainedModel
 
@@ -32,7 +32,7 @@ from kmerge.batching import (
     tokenize_prompts,
 )
 from kmerge.encoder import MergeEncoder, check_k
-from kmerge.errors import KMergeConfigError, KMergeDataError
+from kmerge.errors import KMergeConfigError
 from kmerge.models import DEFAULT_MODEL, load_base_model
 
 CONFIG_FILE = "kmerge_config.json"
@@ -182,9 +182,7 @@ class KMergeModel(nn.Module):
         """Tokenise, embed and merge prompts; append answers as ordinary tokens."""
         prompt_ids = tokenize_prompts(self.tokenizer, prompts)
         answer_ids = None
-        if answers is not None:
-            if len(answers) != len(prompt_ids):
-                raise KMergeDataError(f"{len(prompt_ids)} prompts but {len(answers)} answers")
+        if answers is not None:  # compress_batch checks that the counts agree
             answer_ids = tokenize_answers(
                 self.tokenizer, answers, self.config.answer_separator, self.config.append_eos
             )
@@ -365,14 +363,14 @@ class KMergeModel(nn.Module):
                 f"checkpoint {directory} was trained on a different base model "
                 f"({config.base_model!r}); mismatch (saved, given): {diff}"
             )
-        with safe_open(directory / ENCODER_FILE, "pt") as f:
+        with safe_open(directory / ENCODER_FILE, "pt") as f:  # one read: metadata + tensors
             saved_k = (f.metadata() or {}).get("k")
+            encoder_state = {name: f.get_tensor(name) for name in f.keys()}
         if saved_k is not None and int(saved_k) != config.k:
             raise KMergeConfigError(
                 f"checkpoint {directory}: the config says K={config.k} but the saved encoder "
                 f"was trained with K={saved_k}"
             )
-        encoder_state = load_file(directory / ENCODER_FILE)
         encoder = cls._make_encoder(base, config)
         expected = {k: tuple(v.shape) for k, v in encoder.state_dict().items()}
         saved = {k: tuple(v.shape) for k, v in encoder_state.items()}

@@ -25,7 +25,7 @@ from transformers import get_cosine_schedule_with_warmup
 from kmerge.errors import KMergeConfigError
 from kmerge.evaluation import evaluate
 from kmerge.modeling import KMergeConfig, KMergeModel
-from kmerge.tasks import Example, get_task, load_jsonl_examples
+from kmerge.tasks import Example, Task, get_task, load_jsonl_examples
 from kmerge.tasks.tree import STAGES
 
 
@@ -87,11 +87,19 @@ def load_data(cfg: TrainConfig, stage: str | None = None) -> tuple[list[Example]
         train = load_jsonl_examples(cfg.train_file)
         held_out = load_jsonl_examples(cfg.eval_file) if cfg.eval_file else []
         return train, held_out[: cfg.n_eval]
-    kwargs = {"seed": cfg.seed}
-    if cfg.task == "tree":
-        kwargs |= {"stage": stage or cfg.stage, "n_train": cfg.n_train, "n_test": cfg.n_eval}
-    task = get_task(cfg.task, **kwargs)
+    task = build_task(cfg.task, cfg.seed, stage or cfg.stage, cfg.n_eval, cfg.n_train)
     return task.examples("train", cfg.n_train), task.examples("test", cfg.n_eval)
+
+
+def build_task(name: str, seed: int, stage: str, n_eval: int, n_train: int | None = None) -> Task:
+    """A built-in task from the settings train and eval share (only the tree task has stages;
+    its ``n_train`` defaults to the task's own)."""
+    kwargs: dict = {"seed": seed}
+    if name == "tree":
+        kwargs |= {"stage": stage, "n_test": n_eval}
+        if n_train is not None:
+            kwargs["n_train"] = n_train
+    return get_task(name, **kwargs)
 
 
 def make_optimizer(model: KMergeModel, cfg: TrainConfig) -> torch.optim.AdamW:
