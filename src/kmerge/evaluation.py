@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from tqdm.auto import tqdm
 
@@ -22,11 +22,16 @@ def evaluate(
     batch_size: int = 32,
     max_new_tokens: int | None = None,
     progress: bool = True,
+    gather: Callable[[list], list] | None = None,
 ) -> dict:
     """Generate an answer for every example and compare it with the reference.
 
     ``max_new_tokens`` defaults to the longest reference answer (in tokens) plus one, so that
     a model which keeps talking after a correct answer is still caught.
+
+    ``gather`` (e.g. ``accelerate.utils.gather_object``) lets each process evaluate its own
+    shard of ``examples``: the per-example records of all shards are gathered, in rank order,
+    before the metrics are computed, so they equal a single-process evaluation.
 
     Returns accuracy, the number of examples, mean prompt tokens, mean prompt positions fed to
     the model (measured from the batches), their ratio, wall time, and the predictions.
@@ -51,10 +56,18 @@ def evaluate(
         prompt_tokens += sum(batch.prompt_tokens)
         positions_fed += sum(batch.positions_fed)
     wall = time.perf_counter() - start
-    correct = sum(
-        normalise_answer(p) == normalise_answer(e.answer) for p, e in zip(predictions, examples)
-    )
-    n = len(examples)
+    records = [
+        {"prediction": p, "correct": normalise_answer(p) == normalise_answer(e.answer)}
+        for p, e in zip(predictions, examples)
+    ]
+    records[0] |= {"prompt_tokens": prompt_tokens, "positions_fed": positions_fed}
+    if gather is not None:
+        records = gather(records)
+    prompt_tokens = sum(r.get("prompt_tokens", 0) for r in records)
+    positions_fed = sum(r.get("positions_fed", 0) for r in records)
+    predictions = [r["prediction"] for r in records]
+    correct = sum(r["correct"] for r in records)
+    n = len(records)
     return {
         "accuracy": correct / n,
         "n": n,
