@@ -53,9 +53,9 @@ def test_train_eval_generate(tiny_dir, tmp_path, capsys):
         '{"prompt": "Is the sky blue? Answer:", "answer": "yes"}\n'
         '{"prompt": "Is fire cold? Answer:", "answer": "no"}\n'
     )
-    main(["eval", "--checkpoint", str(ckpt), "--data", str(rows)])
+    main(["eval", "--checkpoint", str(ckpt), "--eval-file", str(rows)])
     result = json.loads(capsys.readouterr().out)
-    assert result["n"] == 2 and result["data"] == str(rows)
+    assert result["n"] == 2 and result["task"] == "jsonl"
 
     main(
         [
@@ -104,7 +104,7 @@ def test_eval_rows_without_answer(tiny_dir, tmp_path, capsys):
     rows = tmp_path / "bad.jsonl"
     rows.write_text('{"prompt": "a", "answer": "b"}\n{"prompt": "no answer here"}\n')
     with pytest.raises(SystemExit):
-        main(["eval", "--base-model", str(tiny_dir), "--data", str(rows)])
+        main(["eval", "--base-model", str(tiny_dir), "--eval-file", str(rows)])
     err = capsys.readouterr().err
     assert "line 2" in err and "answer" in err
 

@@ -1,11 +1,16 @@
-"""JSON Lines loader and task registry errors: one line, naming the file and the line."""
+"""User-file loading (JSON Lines here; CSV in test_tasks) and task registry errors: one line,
+naming the file and the line."""
 
 import gzip
 import json
 
 import pytest
 
-from kmerge.tasks import Example, KMergeDataError, get_task, load_jsonl_examples
+from kmerge.tasks import Example, KMergeDataError, get_task, load_examples_file
+
+
+def load_jsonl_examples(path, **kwargs):
+    return load_examples_file(path, **kwargs).examples
 
 ROWS = [{"prompt": "2+2=", "answer": "4", "id": 1}, {"prompt": "3+3=", "answer": "6"}]
 

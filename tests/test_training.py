@@ -90,9 +90,14 @@ def test_jsonl_training_file(tiny_model, tmp_path):
             for i in range(12)
         )
     )
-    cfg = small_run(tmp_path, train_file=str(rows), eval_file=str(rows), n_eval=4)
+    options = {"train_file": str(rows), "eval_file": str(rows), "answer_choices": ["even", "odd"]}
+    cfg = small_run(tmp_path, task="jsonl", task_options=options, n_eval=4)
     result = train(cfg, model=tiny_model(2))
     assert result.final_eval["n"] == 4
+    # With answer choices the held-out metrics include the scored ones, logged at each eval.
+    assert result.final_eval["primary_metric"] == "accuracy"
+    evals = [r for r in result.history if "eval_choice_accuracy" in r]
+    assert evals and all(0 <= r["eval_macro_f1"] <= 1 for r in evals)
 
 
 @pytest.mark.parametrize(
@@ -133,8 +138,14 @@ def test_train_file_without_held_out_data_skips_evaluation(tiny_model, tmp_path)
         "".join(json.dumps({"prompt": f"Say {i}:", "answer": str(i)}) + "\n" for i in range(6))
     )
     result = train(
-        small_run(tmp_path, train_file=str(rows), steps=3, log_every=2), model=tiny_model(2)
-    )
+        small_run(tmp_path, task="jsonl", task_options={"train_file": str(rows)}, steps=3,
+                  log_every=2),
+        model=tiny_model(2),
+    )  # fmt: skip
     assert result.final_eval is None
-    assert [r["step"] for r in result.history] == [2]  # step 3 is not a logging step
+    assert [r["step"] for r in result.history if "loss" in r] == [2]  # 3 is not a logging step
+    assert result.history[0]["data"] == {
+        "task": "jsonl", "n_train": 6, "n_eval": 0, "prompts_cut": 0, "bad_rows_skipped": 0,
+        "rows_filtered": 0,
+    }  # fmt: skip
     assert not any("eval_accuracy" in r for r in result.history)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -36,10 +37,80 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data")
-    g.add_argument("--task", default="tree", help="built-in task (default: tree)")
+    g.add_argument(
+        "--task",
+        default=None,
+        help="tree (default), amazon_reviews, commitpackft, jsonl or csv "
+        "(default with --train-file/--eval-file: from the file name)",
+    )
     g.add_argument("--stage", default="small", help="tree stage")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--n-eval", type=int, default=128, help="held-out examples")
+    g.add_argument(
+        "--max-prompt-tokens",
+        type=int,
+        default=None,
+        help="shorten longer prompts to their head and tail (the count is reported)",
+    )
+    g = p.add_argument_group("task options (each only for the tasks that take it)")
+    g.add_argument(
+        "--data-dir",
+        default=None,
+        help="local *train* / *test* files (amazon_reviews, commitpackft); "
+        "default: the Hugging Face hub",
+    )
+    g.add_argument("--category", default=None, help="amazon_reviews: hub review category")
+    g.add_argument("--language", default=None, help="commitpackft: language")
+    g.add_argument(
+        "--max-file-chars",
+        type=int,
+        default=None,
+        help="commitpackft: leave out commits whose old or new file is longer",
+    )
+    g.add_argument("--train-file", default=None, help="jsonl/csv: training rows")
+    g.add_argument("--eval-file", default=None, help="jsonl/csv: held-out rows")
+    g.add_argument("--prompt-field", default=None, help='jsonl/csv (default "prompt")')
+    g.add_argument("--answer-field", default=None, help='jsonl/csv (default "answer")')
+    g.add_argument(
+        "--prompt-template",
+        default=None,
+        help='jsonl/csv: e.g. "Review: {text}, Label:" (row fields in braces)',
+    )
+    g.add_argument(
+        "--answer-choices",
+        default=None,
+        help="jsonl/csv: comma-separated labels (adds choice accuracy, macro-F1)",
+    )
+    g.add_argument("--metrics", default=None, help="jsonl/csv: comma-separated metric names")
+    g.add_argument(
+        "--skip-bad-rows",
+        action="store_true",
+        help="skip and count malformed rows instead of stopping at the first",
+    )
+
+
+TASK_OPTIONS = (
+    "data_dir", "category", "language", "max_file_chars", "train_file", "eval_file",
+    "prompt_field", "answer_field", "prompt_template", "answer_choices", "metrics",
+)  # fmt: skip
+
+
+def _task_name_and_options(args: argparse.Namespace) -> tuple[str, dict]:
+    """The task named by --task (or implied by --train-file/--eval-file) and the task options
+    the user set; a task that does not take one of them says so (see get_task)."""
+    from kmerge.tasks.records import file_format
+
+    options = {k: getattr(args, k) for k in TASK_OPTIONS if getattr(args, k) is not None}
+    for key in ("answer_choices", "metrics"):
+        if key in options:
+            options[key] = [v.strip() for v in options[key].split(",") if v.strip()]
+    if args.skip_bad_rows:
+        options["skip_bad_rows"] = True
+    task = args.task
+    if task is None:
+        user_file = options.get("train_file") or options.get("eval_file")
+        task = file_format(user_file) if user_file else "tree"
+    return task, options
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
@@ -49,8 +120,6 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--gate", type=float, default=0.85)
     g.add_argument("--final-gate", type=float, default=0.95)
-    g.add_argument("--train-file", default=None, help='JSON Lines {"prompt", "answer"}')
-    g.add_argument("--eval-file", default=None)
     g.add_argument("--n-train", type=int, default=2048)
     g.add_argument("--steps", type=int, default=300, help="optimizer steps (per curriculum stage)")
     g.add_argument("--batch-size", type=int, default=32)
@@ -82,15 +151,16 @@ def _model_config(args: argparse.Namespace):
 def _train_config(args: argparse.Namespace, **extra):
     from kmerge.training import TrainConfig
 
+    task, options = _task_name_and_options(args)
     return TrainConfig(
         model=_model_config(args),
-        task=args.task,
+        task=task,
+        task_options=options,
+        max_prompt_tokens=args.max_prompt_tokens,
         stage=args.stage,
         curriculum=args.curriculum.split(",") if args.curriculum else None,
         gate=args.gate,
         final_gate=args.final_gate,
-        train_file=args.train_file,
-        eval_file=args.eval_file,
         n_train=args.n_train,
         n_eval=args.n_eval,
         steps=args.steps,
@@ -109,17 +179,30 @@ def _train_config(args: argparse.Namespace, **extra):
 def cmd_train(args: argparse.Namespace) -> None:
     from kmerge.training import train
 
-    result = train(_train_config(args, output_dir=args.output_dir))
-    print(
-        json.dumps(
-            {
-                "steps": result.steps,
-                "train_seconds": round(result.train_seconds, 1),
-                "final_accuracy": (result.final_eval or {}).get("accuracy"),
-                "checkpoint": str(Path(args.output_dir) / "checkpoint"),
-            }
-        )
-    )
+    cfg = _train_config(args, output_dir=args.output_dir)
+    result = train(cfg)
+    final = {k: v for k, v in (result.final_eval or {}).items() if k != "predictions"}
+    summary = {
+        "task": cfg.task,
+        "k": cfg.model.k,
+        "steps": result.steps,
+        "train_seconds": round(result.train_seconds, 1),
+        "final_eval": final or None,
+        "checkpoint": str(Path(args.output_dir) / "checkpoint"),
+        "command": _command(),
+    }
+    _write_json(Path(args.output_dir) / "results.json", summary)
+    print(json.dumps(summary))
+
+
+def _command() -> str:
+    """The command line as typed (for the records that results carry)."""
+    return " ".join(shlex.quote(a) for a in ["kmerge", *sys.argv[1:]])
+
+
+def _write_json(path: Path, payload: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2) + "\n")
 
 
 def _load(args: argparse.Namespace):
@@ -132,24 +215,39 @@ def _load(args: argparse.Namespace):
 
 def cmd_eval(args: argparse.Namespace) -> None:
     from kmerge.evaluation import evaluate
-    from kmerge.tasks import load_jsonl_examples
+    from kmerge.tasks.base import fit_prompts
     from kmerge.training import build_task
 
+    name, options = _task_name_and_options(args)
+    task = build_task(name, args.seed, args.stage, args.n_eval, options=options)
+    examples = task.examples("test", args.n_eval)  # bad data fails before the model loads
     model = _load(args)
-    if args.data:
-        examples = load_jsonl_examples(args.data)[: args.n_eval]
-        source = args.data
-    else:
-        task = build_task(args.task, args.seed, args.stage, args.n_eval)
-        examples = task.examples("test", args.n_eval)
-        source = f"{args.task}:{args.stage}" if args.task == "tree" else args.task
-    result = evaluate(model, examples, batch_size=args.batch_size)
+    examples, prompts_cut = fit_prompts(examples, model.tokenizer, args.max_prompt_tokens)
+    result = evaluate(
+        model,
+        examples,
+        task,
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+        generate_n=args.generate_n,
+        reference_perplexity=args.reference_perplexity,
+    )
     predictions = result.pop("predictions")
-    result |= {"data": source, "k": model.k, "command": " ".join(sys.argv)}
+    choices = result.pop("choices", None)
+    result = {
+        "task": f"{name}:{args.stage}" if name == "tree" else name,
+        "k": model.k,
+        **result,
+        "prompts_cut": prompts_cut,
+        "bad_rows_skipped": task.skipped_rows,
+        "rows_filtered": getattr(task, "filtered_rows", 0),
+        "task_options": options,
+        "command": _command(),
+    }
     print(json.dumps(result, indent=2))
     if args.output:
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(json.dumps(result | {"predictions": predictions}, indent=2))
+        extra = {"predictions": predictions} | ({"choices": choices} if choices else {})
+        _write_json(Path(args.output), result | extra)
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
@@ -185,7 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     for name, func, help_text in (
-        ("eval", cmd_eval, "exact-match accuracy and measured compression"),
+        ("eval", cmd_eval, "the task's metrics and the measured compression"),
         ("generate", cmd_generate, "generate answers for prompts"),
     ):
         p = sub.add_parser(name, help=help_text)
@@ -194,8 +292,25 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--batch-size", type=int, default=32)
         if name == "eval":
             _add_data_args(p)
-            p.add_argument("--data", default=None, help='JSON Lines {"prompt", "answer"} rows')
             p.add_argument("--output", default=None, help="write results + predictions as JSON")
+            p.add_argument(
+                "--generate-n",
+                type=int,
+                default=None,
+                help="generate for the first N examples only (default: the task's)",
+            )
+            p.add_argument(
+                "--max-new-tokens",
+                type=int,
+                default=None,
+                help="default: the longest reference answer + 1",
+            )
+            p.add_argument(
+                "--reference-perplexity",
+                type=float,
+                default=None,
+                help="the uncompressed model's perplexity, for P-LF1 on perplexity",
+            )
         else:
             p.add_argument(
                 "--prompt", action="append", help="prompt (repeatable; default: stdin lines)"

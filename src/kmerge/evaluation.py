@@ -1,79 +1,202 @@
-"""Evaluation: exact-match accuracy of greedy generations, with the measured compression."""
+"""Evaluation: the task's metrics, with the compression measured on the same batches.
+
+Three kinds of pass, each run only when one of the task's metrics needs it:
+- scoring: teacher-forced loss of the reference answer (perplexity);
+- choice: the loss of every label word; the likelier label is the prediction
+  (choice accuracy, macro-F1);
+- generation: greedy decoding (exact-match accuracy, line-level edit similarity), optionally
+  on the first ``generate_n`` examples only, since it is the slow part.
+"""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
 
+import torch
 from tqdm.auto import tqdm
 
+from kmerge.metrics import (
+    exact_match,
+    length_reduction,
+    line_edit_similarity,
+    macro_f1,
+    normalise_answer,
+    p_lf1,
+    perplexity,
+    perplexity_performance,
+)
 from kmerge.modeling import KMergeModel
-from kmerge.tasks import Example
+from kmerge.tasks import Example, Task
 
+__all__ = ["evaluate", "normalise_answer"]
 
-def normalise_answer(text: str) -> str:
-    """Exact match ignores surrounding whitespace and case."""
-    return text.strip().lower()
+GENERATION_METRICS = ("accuracy", "edit_similarity")
+CHOICE_METRICS = ("choice_accuracy", "macro_f1")
 
 
 def evaluate(
     model: KMergeModel,
     examples: Sequence[Example],
+    task: Task | None = None,
+    *,
     batch_size: int = 32,
     max_new_tokens: int | None = None,
+    generate_n: int | None = None,
+    reference_perplexity: float | None = None,
     progress: bool = True,
     gather: Callable[[list], list] | None = None,
 ) -> dict:
-    """Generate an answer for every example and compare it with the reference.
+    """Compute ``task.metrics`` (default: exact-match ``accuracy``) on ``examples``.
 
-    ``max_new_tokens`` defaults to the longest reference answer (in tokens) plus one, so that
-    a model which keeps talking after a correct answer is still caught.
+    ``max_new_tokens`` defaults to the longest reference answer (in tokens) plus one, so that a
+    model which keeps talking after a correct answer is still caught. ``generate_n`` defaults
+    to the task's. ``reference_perplexity`` (the uncompressed model's) turns perplexity into
+    the P of P-LF1; without it P-LF1 is reported only for metrics already in [0, 1].
 
     ``gather`` (e.g. ``accelerate.utils.gather_object``) lets each process evaluate its own
     shard of ``examples``: the per-example records of all shards are gathered, in rank order,
-    before the metrics are computed, so they equal a single-process evaluation.
+    before the metrics are computed, so they equal a single-process evaluation (``generate_n``
+    then counts per shard).
 
-    Returns accuracy, the number of examples, mean prompt tokens, mean prompt positions fed to
-    the model (measured from the batches), their ratio, wall time, and the predictions.
+    Returns every metric, ``primary_metric`` (its name), n, mean prompt tokens, mean prompt
+    positions fed (measured from the batches), their ratio, length reduction, P-LF1, wall time,
+    and the per-example predictions.
     """
     if not examples:
         raise ValueError("evaluate needs at least one example")
-    tok = model.tokenizer
-    if max_new_tokens is None:
-        longest = max(
-            len(tok(model.config.answer_separator + e.answer)["input_ids"]) for e in examples
-        )
+    metrics = task.metrics if task else ("accuracy",)
+    choices = task.answer_choices if task else None
+    if set(CHOICE_METRICS) & set(metrics) and not choices:
+        raise ValueError(f"{CHOICE_METRICS} need a task with answer_choices")
+    if generate_n is None and task is not None:
+        generate_n = task.generate_n
+    n_generate = 0
+    if set(GENERATION_METRICS) & set(metrics):
+        n_generate = len(examples) if generate_n is None else min(generate_n, len(examples))
+    if max_new_tokens is None and n_generate:
+        tok, sep = model.tokenizer, model.config.answer_separator
+        longest = max(len(tok(sep + e.answer)["input_ids"]) for e in examples[:n_generate])
         max_new_tokens = longest + 1
-    predictions: list[str] = []
-    prompt_tokens = positions_fed = 0
+
+    was_training = model.training
+    model.eval()
+    records = [{} for _ in examples]
     start = time.perf_counter()
     batches = range(0, len(examples), batch_size)
-    for i in tqdm(batches, desc=f"eval K={model.k}", disable=not progress, leave=False):
-        chunk = examples[i : i + batch_size]
-        batch = model.prepare([e.prompt for e in chunk], reserve=max_new_tokens)
-        ids = model.generate_ids(batch, max_new_tokens=max_new_tokens)
-        predictions += [tok.decode(row, skip_special_tokens=True).strip() for row in ids]
-        prompt_tokens += sum(batch.prompt_tokens)
-        positions_fed += sum(batch.positions_fed)
+    try:
+        for i in tqdm(batches, desc=f"eval K={model.k}", disable=not progress, leave=False):
+            generate = max(0, min(batch_size, n_generate - i))
+            _fill_records(
+                model, examples[i : i + batch_size], records[i : i + batch_size],
+                metrics, choices, generate, max_new_tokens,
+            )  # fmt: skip
+    finally:
+        model.train(was_training)
     wall = time.perf_counter() - start
-    records = [
-        {"prediction": p, "correct": normalise_answer(p) == normalise_answer(e.answer)}
-        for p, e in zip(predictions, examples)
-    ]
-    records[0] |= {"prompt_tokens": prompt_tokens, "positions_fed": positions_fed}
+    for row, example in zip(records, examples):
+        row["answer"] = example.answer
     if gather is not None:
         records = gather(records)
-    prompt_tokens = sum(r.get("prompt_tokens", 0) for r in records)
-    positions_fed = sum(r.get("positions_fed", 0) for r in records)
-    predictions = [r["prediction"] for r in records]
-    correct = sum(r["correct"] for r in records)
+    result = summarise(records, metrics, choices, reference_perplexity)
+    primary = task.primary_metric if task else "accuracy"
+    return result | {
+        "primary_metric": primary,
+        "p_lf1": _p_lf1(result, primary, reference_perplexity),
+        "eval_seconds": wall,
+        "predictions": [r.get("prediction") for r in records],
+    }
+
+
+@torch.no_grad()
+def _fill_records(
+    model: KMergeModel,
+    chunk: Sequence[Example],
+    rows: list[dict],
+    metrics: Sequence[str],
+    choices: Sequence[str] | None,
+    generate: int,
+    max_new_tokens: int | None,
+) -> None:
+    """Run the passes the metrics need on one batch; write each example's results in ``rows``
+    (prediction only for the first ``generate`` examples)."""
+    prompts = [e.prompt for e in chunk]
+    if "perplexity" in metrics:
+        nll, counts = _answer_nll(model, prompts, [e.answer for e in chunk])
+        for row, value, count in zip(rows, nll, counts):
+            row |= {"nll": value, "answer_tokens": count}
+    if set(CHOICE_METRICS) & set(metrics):
+        scores = {c: _answer_nll(model, prompts, [c] * len(chunk))[0] for c in choices}
+        for j, row in enumerate(rows):
+            row["choice"] = min(choices, key=lambda c: scores[c][j])
+    batch = model.prepare(prompts, reserve=max_new_tokens or 0)
+    if generate:
+        if generate < len(chunk):
+            batch_to_generate = model.prepare(prompts[:generate], reserve=max_new_tokens)
+        else:
+            batch_to_generate = batch
+        ids = model.generate_ids(batch_to_generate, max_new_tokens=max_new_tokens)
+        texts = model.tokenizer.batch_decode(ids, skip_special_tokens=True)
+        for row, text in zip(rows, texts):
+            row["prediction"] = text.strip()
+    for row, p, f in zip(rows, batch.prompt_tokens, batch.positions_fed):
+        row |= {"prompt_tokens": p, "positions_fed": f}
+
+
+def _answer_nll(
+    model: KMergeModel, prompts: list[str], answers: list[str]
+) -> tuple[list[float], list[int]]:
+    """Per example: the summed negative log-likelihood of its answer tokens, and their count."""
+    out = model.loss(model.prepare(prompts, answers))
+    counts = out.answer_tokens.tolist()
+    return (out.example_losses * out.answer_tokens).tolist(), counts
+
+
+def summarise(
+    records: list[dict],
+    metrics: Sequence[str],
+    choices: Sequence[str] | None = None,
+    reference_perplexity: float | None = None,
+) -> dict:
+    """The metrics and compression numbers from per-example records."""
     n = len(records)
-    return {
-        "accuracy": correct / n,
-        "n": n,
+    prompt_tokens = sum(r["prompt_tokens"] for r in records)
+    positions_fed = sum(r["positions_fed"] for r in records)
+    out: dict = {"n": n}
+    generated = [r for r in records if "prediction" in r]
+    if "accuracy" in metrics:
+        hits = [exact_match(r["prediction"], r["answer"]) for r in generated]
+        out["accuracy"] = sum(hits) / len(hits)
+    if "edit_similarity" in metrics:
+        sims = [line_edit_similarity(r["prediction"], r["answer"]) for r in generated]
+        out["edit_similarity"] = sum(sims) / len(sims)
+    if set(GENERATION_METRICS) & set(metrics):
+        out["n_generated"] = len(generated)
+    if "choice_accuracy" in metrics:
+        out["choice_accuracy"] = sum(r["choice"] == r["answer"] for r in records) / n
+    if "macro_f1" in metrics:
+        out["macro_f1"] = macro_f1(
+            [r["choice"] for r in records], [r["answer"] for r in records], labels=choices
+        )
+    if "perplexity" in metrics:
+        total_nll = sum(r["nll"] for r in records)
+        out["perplexity"] = perplexity(total_nll, sum(r["answer_tokens"] for r in records))
+    out |= {
         "mean_prompt_tokens": prompt_tokens / n,
         "mean_positions_fed": positions_fed / n,
         "compression": prompt_tokens / positions_fed,
-        "eval_seconds": wall,
-        "predictions": predictions,
+        "length_reduction": length_reduction(prompt_tokens, positions_fed),
     }
+    if choices is not None and "choice" in records[0]:
+        out["choices"] = [r["choice"] for r in records]
+    return out
+
+
+def _p_lf1(result: dict, primary: str, reference_perplexity: float | None) -> float | None:
+    if primary == "perplexity":
+        if reference_perplexity is None:
+            return None
+        performance = perplexity_performance(result["perplexity"], reference_perplexity)
+    else:
+        performance = result[primary]
+    return p_lf1(performance, max(0.0, result["length_reduction"]))

@@ -25,7 +25,9 @@ from transformers import get_cosine_schedule_with_warmup
 from kmerge.errors import KMergeConfigError
 from kmerge.evaluation import evaluate
 from kmerge.modeling import KMergeConfig, KMergeModel
-from kmerge.tasks import Example, Task, get_task, load_jsonl_examples
+from kmerge.tasks import Example, Task, get_task
+from kmerge.tasks.base import fit_prompts
+from kmerge.tasks.files import FileTask
 from kmerge.tasks.tree import STAGES
 
 
@@ -39,8 +41,9 @@ class TrainConfig:
     curriculum: list[str] | None = None  # tree stages to walk through, in order
     gate: float = 0.85  # held-out accuracy that ends a curriculum stage
     final_gate: float = 0.95  # ... and the last stage
-    train_file: str | None = None  # JSON Lines {"prompt", "answer"} instead of a built-in task
-    eval_file: str | None = None
+    # Task constructor options, e.g. {"data_dir": ...} or {"train_file": ..., "eval_file": ...}
+    task_options: dict = field(default_factory=dict)
+    max_prompt_tokens: int | None = None  # longer prompts keep head + tail (fit_prompts)
     n_train: int = 2048
     n_eval: int = 128
     steps: int = 300  # optimizer steps (per stage in curriculum mode)
@@ -63,6 +66,10 @@ class TrainConfig:
         for name in ("steps", "batch_size", "grad_accum", "eval_every", "n_eval"):
             if getattr(self, name) < 1:
                 raise KMergeConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:
+            raise KMergeConfigError(f"max_prompt_tokens must be >= 1, got {self.max_prompt_tokens}")
+        if self.curriculum and self.task != "tree":
+            raise KMergeConfigError("a curriculum walks tree stages: it needs --task tree")
         stages = self.curriculum or ([self.stage] if self.task == "tree" else [])
         for stage in stages:
             if stage not in STAGES:
@@ -81,20 +88,50 @@ class TrainResult:
     final_eval: dict | None
 
 
-def load_data(cfg: TrainConfig, stage: str | None = None) -> tuple[list[Example], list[Example]]:
+@dataclass
+class TaskData:
+    task: Task
+    train: list[Example]
+    held_out: list[Example]
+    prompts_cut: int  # prompts shortened to max_prompt_tokens (train + held-out)
+
+    def report(self) -> dict:
+        """What loading did to the data, for the logs: nothing is cut or skipped silently."""
+        return {
+            "task": self.task.name,
+            "n_train": len(self.train),
+            "n_eval": len(self.held_out),
+            "prompts_cut": self.prompts_cut,
+            "bad_rows_skipped": self.task.skipped_rows,
+            "rows_filtered": getattr(self.task, "filtered_rows", 0),
+        }
+
+
+def load_data(cfg: TrainConfig, tokenizer, stage: str | None = None) -> TaskData:
     """Training and held-out examples for a run (or one curriculum stage)."""
-    if cfg.train_file:
-        train = load_jsonl_examples(cfg.train_file)
-        held_out = load_jsonl_examples(cfg.eval_file) if cfg.eval_file else []
-        return train, held_out[: cfg.n_eval]
-    task = build_task(cfg.task, cfg.seed, stage or cfg.stage, cfg.n_eval, cfg.n_train)
-    return task.examples("train", cfg.n_train), task.examples("test", cfg.n_eval)
+    task = build_task(cfg.task, cfg.seed, stage or cfg.stage, cfg.n_eval, cfg.n_train,
+                      cfg.task_options)  # fmt: skip
+    train = task.examples("train", cfg.n_train)
+    if isinstance(task, FileTask) and task.files["test"] is None:
+        held_out = []  # user data without an eval file: train only, no evaluation
+    else:
+        held_out = task.examples("test", cfg.n_eval)
+    train, cut_train = fit_prompts(train, tokenizer, cfg.max_prompt_tokens)
+    held_out, cut_eval = fit_prompts(held_out, tokenizer, cfg.max_prompt_tokens)
+    return TaskData(task, train, held_out, cut_train + cut_eval)
 
 
-def build_task(name: str, seed: int, stage: str, n_eval: int, n_train: int | None = None) -> Task:
-    """A built-in task from the settings train and eval share (only the tree task has stages;
-    its ``n_train`` defaults to the task's own)."""
-    kwargs: dict = {"seed": seed}
+def build_task(
+    name: str,
+    seed: int,
+    stage: str,
+    n_eval: int,
+    n_train: int | None = None,
+    options: dict | None = None,
+) -> Task:
+    """A task from the settings train and eval share (only the tree task has stages; its
+    ``n_train`` defaults to the task's own). ``options`` go to the task's constructor."""
+    kwargs: dict = {"seed": seed} | (options or {})
     if name == "tree":
         kwargs |= {"stage": stage, "n_test": n_eval}
         if n_train is not None:
@@ -142,7 +179,9 @@ def train(cfg: TrainConfig, model: KMergeModel | None = None) -> TrainResult:
     final_eval = None
     bar = tqdm(total=total_steps, desc=f"train K={cfg.model.k}", disable=not cfg.progress)
     for stage_index, stage in enumerate(stages):
-        train_examples, eval_examples = load_data(cfg, stage if cfg.curriculum else None)
+        data = load_data(cfg, model.tokenizer, stage if cfg.curriculum else None)
+        train_examples, eval_examples = data.train, data.held_out
+        log({"step": step, "stage": stage, "data": data.report()})
         gate = cfg.final_gate if stage_index == len(stages) - 1 else cfg.gate
         loader = DataLoader(
             train_examples,
@@ -192,22 +231,27 @@ def train(cfg: TrainConfig, model: KMergeModel | None = None) -> TrainResult:
                 window = []
             if eval_examples and (step % cfg.eval_every == 0 or stage_step == cfg.steps):
                 final_eval = evaluate(
-                    accelerator.unwrap_model(model), eval_examples, progress=False
+                    accelerator.unwrap_model(model), eval_examples, data.task, progress=False
                 )
+                primary = final_eval["primary_metric"]
                 eval_seconds += final_eval["eval_seconds"]
                 model.train()
                 log(
                     {
                         "step": step,
                         "stage": stage,
-                        "eval_accuracy": final_eval["accuracy"],
+                        **{
+                            f"eval_{name}": value
+                            for name, value in final_eval.items()
+                            if isinstance(value, float) and name != "eval_seconds"
+                        },
                         "elapsed": time.perf_counter() - start,
                     }
                 )
                 bar.write(
-                    f"step {step} stage {stage}: held-out accuracy {final_eval['accuracy']:.3f}"
+                    f"step {step} stage {stage}: held-out {primary} {final_eval[primary]:.3f}"
                 )
-                if cfg.curriculum and final_eval["accuracy"] >= gate:
+                if cfg.curriculum and final_eval[primary] >= gate:
                     break
     bar.close()
     train_seconds = time.perf_counter() - start - eval_seconds  # optimisation time only

@@ -1,22 +1,17 @@
-"""Task registry: benchmarks that yield (prompt, answer) examples."""
+"""Task registry: benchmarks that yield (prompt, answer) examples and name their metrics."""
 
-from kmerge.tasks import tree  # noqa: F401  (registers "tree")
-from kmerge.tasks.base import (
-    TASKS,
-    Example,
-    KMergeDataError,
-    Task,
-    get_task,
-    load_jsonl_examples,
-    register_task,
-)
+from kmerge.tasks import amazon, commitpack, files, tree  # noqa: F401  (register the tasks)
+from kmerge.tasks.base import TASKS, Example, KMergeDataError, Task, get_task, register_task
+from kmerge.tasks.files import load_examples_file
+from kmerge.tasks.records import RecordTask
 
 __all__ = [
     "TASKS",
     "Example",
     "KMergeDataError",
+    "RecordTask",
     "Task",
     "get_task",
-    "load_jsonl_examples",
+    "load_examples_file",
     "register_task",
 ]

@@ -1,13 +1,11 @@
-"""Task interface, the task registry, and a JSON Lines loader for user data."""
+"""Task interface and the task registry."""
 
 from __future__ import annotations
 
-import gzip
-import json
-import zlib
+import inspect
+import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from kmerge.errors import KMergeDataError
 
@@ -24,11 +22,22 @@ class Example:
 
 
 class Task:
-    """A benchmark that yields examples for a split. Subclasses implement `_examples`."""
+    """A benchmark that yields examples for a split and names its metrics.
+
+    Subclasses implement `_examples`. Metric names are those of `kmerge.evaluation.evaluate`:
+    "accuracy" (exact match of free generation), "choice_accuracy" and "macro_f1" (the model
+    picks the likelier of `answer_choices`), "perplexity" of the answer tokens, and
+    "edit_similarity" (line-level, of greedy generations).
+    """
 
     name: str = ""
     # Closed answer set when the task is a classification (used for accuracy by choice).
     answer_choices: tuple[str, ...] | None = None
+    metrics: tuple[str, ...] = ("accuracy",)
+    primary_metric: str = "accuracy"  # the headline number (P in P-LF1, the curriculum gate)
+    # How many examples evaluation generates for (None: all); generation is the slow part.
+    generate_n: int | None = None
+    skipped_rows: int = 0  # bad rows skipped while loading (skip_bad_rows)
 
     def examples(self, split: str, n: int | None = None) -> list[Example]:
         check_split(split)
@@ -64,55 +73,56 @@ def get_task(name: str, **kwargs) -> Task:
     if name not in TASKS:
         known = ", ".join(sorted(TASKS)) or "(none)"
         raise KMergeDataError(f"unknown task {name!r}; known tasks: {known}")
-    return TASKS[name](**kwargs)
+    cls = TASKS[name]
+    accepted = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+    unknown = sorted(set(kwargs) - set(accepted))
+    if unknown:
+        raise KMergeDataError(
+            f"task {name!r} does not take {', '.join(unknown)}; its options: {', '.join(accepted)}"
+        )
+    return cls(**kwargs)
 
 
-def load_jsonl_examples(
-    path: str | Path, prompt_field: str = "prompt", answer_field: str = "answer"
-) -> list[Example]:
-    """Read Examples from JSON Lines (plain or .gz), one object per line.
+def sample(examples: list[Example], n: int | None, seed: int) -> list[Example]:
+    """A seeded random subset of ``n`` examples (all of them, shuffled, when n is None)."""
+    if n is not None and n < 1:
+        raise KMergeDataError(f"the number of examples must be >= 1, got {n}")
+    order = list(examples)
+    random.Random(seed).shuffle(order)
+    return order[:n]
 
-    Fields other than the prompt and answer go to `Example.meta`. Every problem raises
-    KMergeDataError naming the file and the 1-based line, so a bad row is easy to find.
+
+ELISION = " [...] "
+
+
+def fit_prompts(
+    examples: list[Example], tokenizer, max_prompt_tokens: int | None
+) -> tuple[list[Example], int]:
+    """Shorten prompts longer than ``max_prompt_tokens`` tokens; return them and how many.
+
+    Policy: keep the head and the tail of the prompt, about half the budget each, joined by
+    ``ELISION`` (which counts towards the budget). The built-in templates put their instruction
+    first and the question ("Label:", "Instructions: ... New Content:") last, so the cut falls
+    inside the review text / old file. Shortened examples get ``meta["prompt_cut"] = True``.
     """
-    path = Path(path)
-    opener = gzip.open if path.suffix == ".gz" else open
-    try:
-        with opener(path, "rb") as f:
-            raw = f.read()
-    except (EOFError, OSError, zlib.error) as e:
-        if isinstance(e, FileNotFoundError):
-            raise
-        raise KMergeDataError(f"{path}: cannot read file ({e})") from e
-
-    examples = []
-    for lineno, line in enumerate(raw.split(b"\n"), start=1):
-        where = f"{path} line {lineno}"
-        try:
-            text = line.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise KMergeDataError(f"{where}: not valid UTF-8 (byte {e.start})") from e
-        if lineno == 1:
-            text = text.removeprefix("\ufeff")  # tolerate a UTF-8 byte-order mark
-        if not text.strip():
+    if max_prompt_tokens is None:
+        return list(examples), 0
+    marker = len(tokenizer(ELISION, add_special_tokens=False)["input_ids"])
+    if max_prompt_tokens < marker + 2:
+        raise KMergeDataError(f"max_prompt_tokens must be >= {marker + 2}, got {max_prompt_tokens}")
+    out, n_cut = [], 0
+    for example in examples:
+        ids = tokenizer(example.prompt, add_special_tokens=False)["input_ids"]
+        if len(ids) <= max_prompt_tokens:
+            out.append(example)
             continue
-        try:
-            row = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise KMergeDataError(f"{where}: not valid JSON ({e.msg})") from e
-        if not isinstance(row, dict):
-            raise KMergeDataError(f"{where}: row is a {type(row).__name__}, not a JSON object")
-        for key in (prompt_field, answer_field):
-            if key not in row:
-                raise KMergeDataError(f'{where}: row has no "{key}" field')
-            if not isinstance(row[key], str):
-                kind = type(row[key]).__name__
-                raise KMergeDataError(f'{where}: "{key}" must be a string, got {kind}')
-            if not row[key]:
-                raise KMergeDataError(f'{where}: "{key}" is empty')
-        meta = {k: v for k, v in row.items() if k not in (prompt_field, answer_field)}
-        examples.append(Example(row[prompt_field], row[answer_field], meta))
-
-    if not examples:
-        raise KMergeDataError(f"{path}: file has no examples")
-    return examples
+        budget = max_prompt_tokens - marker
+        while True:  # decoding and re-encoding can merge tokens at the seams: re-check
+            head, tail = (budget + 1) // 2, budget // 2
+            text = tokenizer.decode(ids[:head]) + ELISION + tokenizer.decode(ids[-tail:])
+            if len(tokenizer(text, add_special_tokens=False)["input_ids"]) <= max_prompt_tokens:
+                break
+            budget -= 1
+        out.append(Example(text, example.answer, example.meta | {"prompt_cut": True}))
+        n_cut += 1
+    return out, n_cut

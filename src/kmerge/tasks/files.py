@@ -1,0 +1,109 @@
+"""User data: `jsonl` and `csv` tasks read (prompt, answer) pairs from the user's own files.
+
+The prompt is one field (``prompt_field``) or a template over the row's fields
+(``prompt_template="Review: {text}, Label:"``); the answer is ``answer_field``. With
+``answer_choices`` the task is a classification and gets choice accuracy and macro-F1.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from kmerge.errors import KMergeDataError
+from kmerge.tasks.base import Example, register_task
+from kmerge.tasks.records import (
+    Converted,
+    RecordTask,
+    convert_records,
+    file_format,
+    format_template,
+    read_records,
+    text_field,
+)
+
+METRICS = ("accuracy", "choice_accuracy", "macro_f1", "perplexity", "edit_similarity")
+
+
+def row_converter(
+    prompt_field: str = "prompt", answer_field: str = "answer", prompt_template: str | None = None
+):
+    """A function turning a row into an Example; other fields go to `Example.meta`."""
+
+    def convert(row: Mapping) -> Example:
+        if prompt_template is not None:
+            prompt = format_template(prompt_template, row)
+        else:
+            prompt = text_field(row, prompt_field)
+        answer = text_field(row, answer_field)
+        meta = {k: v for k, v in row.items() if k not in (prompt_field, answer_field)}
+        return Example(prompt, answer, meta)
+
+    return convert
+
+
+def load_examples_file(
+    path: str | Path,
+    prompt_field: str = "prompt",
+    answer_field: str = "answer",
+    prompt_template: str | None = None,
+    skip_bad_rows: bool = False,
+) -> Converted:
+    """Examples from one JSON Lines or CSV file (plain or .gz), with the bad-row count."""
+    convert = row_converter(prompt_field, answer_field, prompt_template)
+    return convert_records(read_records(path), convert, skip_bad_rows, str(path))
+
+
+class FileTask(RecordTask):
+    """(prompt, answer) rows from a train file and an eval file chosen by the user."""
+
+    file_format = "jsonl"
+
+    def __init__(
+        self,
+        train_file: str | None = None,
+        eval_file: str | None = None,
+        prompt_field: str = "prompt",
+        answer_field: str = "answer",
+        prompt_template: str | None = None,
+        answer_choices: Sequence[str] | None = None,
+        metrics: Sequence[str] | None = None,
+        seed: int = 0,
+        skip_bad_rows: bool = False,
+    ) -> None:
+        super().__init__(None, seed, skip_bad_rows)
+        for path in (train_file, eval_file):
+            if path is not None and file_format(path) != self.file_format:
+                raise KMergeDataError(
+                    f"task {self.name!r} reads {self.file_format} files, got {path} "
+                    f"(use --task {file_format(path)})"
+                )
+        self.files = {"train": train_file, "test": eval_file}
+        self.convert = row_converter(prompt_field, answer_field, prompt_template)
+        if answer_choices:
+            self.answer_choices = tuple(answer_choices)
+        default = ("accuracy", "choice_accuracy", "macro_f1") if answer_choices else ("accuracy",)
+        self.metrics = tuple(metrics or default)
+        unknown = [m for m in self.metrics if m not in METRICS]
+        if unknown:
+            raise KMergeDataError(f"unknown metric(s) {unknown}; known: {', '.join(METRICS)}")
+        if not answer_choices and {"choice_accuracy", "macro_f1"} & set(self.metrics):
+            raise KMergeDataError("choice_accuracy and macro_f1 need answer_choices")
+        self.primary_metric = self.metrics[0]
+
+    def local_file(self, split: str) -> Path | None:
+        path = self.files[split]
+        if path is None:
+            flag = "--train-file" if split == "train" else "--eval-file"
+            raise KMergeDataError(f"task {self.name!r} has no {split} data: pass {flag}")
+        return Path(path)
+
+
+@register_task("jsonl")
+class JsonlTask(FileTask):
+    file_format = "jsonl"
+
+
+@register_task("csv")
+class CsvTask(FileTask):
+    file_format = "csv"
