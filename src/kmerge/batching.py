@@ -147,6 +147,7 @@ def compress_batch(
     reserve: int = 0,
     prefix_ids: Sequence[int] = (),
     segment_starts: Sequence[Sequence[bool]] | None = None,
+    prompt_tokens: Sequence[int] | None = None,
 ) -> CompressedBatch:
     """Merge each prompt's K-blocks and append the answers as ordinary token embeddings.
 
@@ -159,6 +160,8 @@ def compress_batch(
             positions for generated tokens) is an error, never silently truncated.
         prefix_ids: ordinary (unmerged) tokens put before every prompt, e.g. BOS as an
             attention sink; they count as positions fed.
+        prompt_tokens: each prompt's length before a token-level compressor shortened
+            ``prompt_ids`` (default: their lengths); measured compression is relative to it.
     """
     k = encoder.k
     answer_ids = answer_ids or [[] for _ in prompt_ids]
@@ -212,6 +215,6 @@ def compress_batch(
         attention_mask=attention_mask,
         position_ids=position_ids,
         labels=labels if any(answer_ids) else None,
-        prompt_tokens=[len(p) for p in prompt_ids],
+        prompt_tokens=list(prompt_tokens or [len(p) for p in prompt_ids]),
         positions_fed=n_blocks,
     )

@@ -1,4 +1,4 @@
-"""The ``kmerge`` command line: train, eval, generate, demo.
+"""The ``kmerge`` command line: train, eval, generate, demo, pareto.
 
 Every subcommand is a thin shell over the Python function of the same name; bad input ends
 with one line ``kmerge: error: ...`` and exit status 2, never a traceback.
@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
+import socket
 import sys
 from pathlib import Path
 
-from kmerge.errors import KMergeError
+from kmerge.errors import KMergeConfigError, KMergeError
 from kmerge.models import DEFAULT_MODEL
 
 
@@ -129,6 +131,30 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--warmup-steps", type=int, default=20)
     g.add_argument("--max-grad-norm", type=float, default=1.0)
     g.add_argument("--eval-every", type=int, default=50)
+    g.add_argument("--log-every", type=int, default=10, help="steps per loss record")
+    g = p.add_argument_group("scale-out and faults (docs/distributed.md)")
+    g.add_argument(
+        "--num-processes",
+        type=int,
+        default=None,
+        help="data-parallel processes, started by accelerate's launcher (GPUs, else CPU); "
+        "--batch-size is per process",
+    )
+    g.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default=None)
+    g.add_argument(
+        "--gradient-checkpointing", action="store_true", help="less activation memory, slower"
+    )
+    g.add_argument(
+        "--save-every",
+        type=int,
+        default=100,
+        help="steps between resumable checkpoints in OUTPUT_DIR/checkpoints (0: none; "
+        "SIGINT/SIGTERM always write one)",
+    )
+    g.add_argument("--keep-checkpoints", type=int, default=2, help="how many to keep")
+    g.add_argument(
+        "--resume", action="store_true", help="continue from the newest complete checkpoint"
+    )
 
 
 def _model_config(args: argparse.Namespace):
@@ -171,16 +197,35 @@ def _train_config(args: argparse.Namespace, **extra):
         warmup_steps=args.warmup_steps,
         max_grad_norm=args.max_grad_norm,
         eval_every=args.eval_every,
+        log_every=args.log_every,
         seed=args.seed,
+        save_every=args.save_every,
+        keep_checkpoints=args.keep_checkpoints,
+        resume=args.resume,
+        mixed_precision=args.mixed_precision,
+        gradient_checkpointing=args.gradient_checkpointing,
         **extra,
     )
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from kmerge.training import train
+    from accelerate import PartialState
+
+    from kmerge.training import NonFiniteLossError, TrainingInterrupted, train
 
     cfg = _train_config(args, output_dir=args.output_dir)
-    result = train(cfg)
+    if _launched_processes(args.num_processes, args.argv):
+        return
+    try:
+        result = train(cfg)
+    except TrainingInterrupted as stop:  # a clean stop, not an error: the checkpoint resumes it
+        print(f"kmerge: {stop}", file=sys.stderr)
+        raise SystemExit(128 + stop.signum) from None
+    except NonFiniteLossError as err:
+        print(f"kmerge: error: {err}", file=sys.stderr)
+        raise SystemExit(1) from None
+    if not PartialState().is_main_process:
+        return  # the main process reports for all of them
     final = {k: v for k, v in (result.final_eval or {}).items() if k != "predictions"}
     summary = {
         "task": cfg.task,
@@ -193,6 +238,46 @@ def cmd_train(args: argparse.Namespace) -> None:
     }
     _write_json(Path(args.output_dir) / "results.json", summary)
     print(json.dumps(summary))
+
+
+def _launched_processes(n: int | None, argv: list[str]) -> bool:
+    """With ``--num-processes N`` (N > 1) outside a launch, run this same command as N
+    data-parallel processes through accelerate's launcher (torch elastic, what ``accelerate
+    launch --multi_gpu`` does) and return True once they have finished."""
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if n is None or (n == 1 and launched == 1):
+        return False
+    if n < 1:
+        raise KMergeConfigError(f"--num-processes must be >= 1, got {n}")
+    if launched > 1:  # this is one of the launched processes
+        if n != launched:
+            raise KMergeConfigError(f"--num-processes {n}, but {launched} processes were launched")
+        return False
+    from accelerate.commands.launch import launch_command, launch_command_parser
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    launch = launch_command_parser().parse_args(
+        ["--multi_gpu", "--num_processes", str(n), "--num_machines", "1"]
+        + ["--mixed_precision", "no", "--dynamo_backend", "no"]  # kmerge's options decide
+        + ["--main_process_port", str(_free_port()), "-m", "kmerge", *argv]
+    )
+    try:
+        launch_command(launch)
+    except ChildFailedError as err:  # each process has printed its own message
+        codes = [failure.exitcode for failure in err.failures.values()]
+        raise SystemExit(next((c for c in codes if c > 0), 1)) from None
+    except SignalException as err:  # the processes got the signal too, and checkpointed
+        raise SystemExit(128 + err.sigval) from None
+    return True
+
+
+def _free_port() -> int:
+    """A free local TCP port for the processes' rendezvous (not the fixed default, which
+    another run on the machine may hold)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _command() -> str:
@@ -271,6 +356,45 @@ def cmd_demo(args: argparse.Namespace) -> None:
     run_demo(args.output_dir, ks=ks, **overrides)
 
 
+def _numbers(text: str, kind: type, option: str) -> list:
+    try:
+        return [kind(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise KMergeConfigError(f"{option} takes comma-separated numbers, got {text!r}") from None
+
+
+def cmd_pareto(args: argparse.Namespace) -> None:
+    from kmerge.modeling import KMergeConfig
+    from kmerge.pareto import SweepConfig, run_sweep
+    from kmerge.training import TrainConfig
+
+    task, options = _task_name_and_options(args)
+    template = TrainConfig(
+        model=KMergeConfig(base_model=args.base_model),
+        task=task,
+        task_options=options,
+        max_prompt_tokens=args.max_prompt_tokens,
+        stage=args.stage,
+        n_train=args.n_train,
+        n_eval=args.n_eval,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        eval_every=args.steps,  # held-out evaluation only at the end: the sweep's number
+    )
+    sweep = SweepConfig(
+        train=template,
+        methods=[m.strip() for m in args.methods.split(",") if m.strip()],
+        ratios=_numbers(args.ratios, float, "--ratios"),
+        seeds=_numbers(args.seeds, int, "--seeds") if args.seeds else [args.seed],
+        tune=args.tune,
+        metric=args.metric,
+        output_dir=args.output_dir,
+        command=_command(),
+    )
+    run_sweep(sweep)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kmerge", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -329,11 +453,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stage", default=None)
     p.add_argument("--block-alignment", choices=("start", "end", "segments"), default=None)
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser(
+        "pareto", help="kmerge and the baselines: quality vs measured compression, resumable"
+    )
+    _add_data_args(p)
+    g = p.add_argument_group("sweep")
+    g.add_argument(
+        "--methods",
+        default="full,kmerge",
+        help="comma-separated method names (kmerge, full, mean_pool, truncate_last, random_drop, "
+        "stride_drop, self_information, meta_tokens, llmlingua2, ...)",
+    )
+    g.add_argument("--ratios", default="2,4,8", help="comma-separated target compression ratios")
+    g.add_argument("--seeds", default=None, help="comma-separated seeds (default: --seed)")
+    g.add_argument(
+        "--tune",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="LoRA-tune the token-level baselines on their compressed prompts (recorded)",
+    )
+    g.add_argument("--metric", default=None, help="y axis (default: the task's primary metric)")
+    g.add_argument("--base-model", default=DEFAULT_MODEL, help="embedded name, hub id or local dir")
+    g.add_argument("--n-train", type=int, default=2048)
+    g.add_argument("--steps", type=int, default=300, help="optimizer steps for every point")
+    g.add_argument("--batch-size", type=int, default=32)
+    g.add_argument("--lr", type=float, default=3e-4)
+    g.add_argument("--output-dir", default="runs/pareto", help="points, runs, results, plot")
+    p.set_defaults(func=cmd_pareto)
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else list(argv)  # to start it again in processes
     try:
         args.func(args)
     except (KMergeError, FileNotFoundError) as err:

@@ -23,6 +23,7 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers import PreTrainedModel
 
+from kmerge.baselines import PromptCompressor, get_compressor
 from kmerge.batching import (
     IGNORE_INDEX,
     BlockAlignment,
@@ -58,6 +59,12 @@ class KMergeConfig:
     segment_chars: str = "\n,"  # with block_alignment="segments": tokens starting a new block
     answer_separator: str = " "  # put between prompt and answer (the answer is tokenised alone)
     append_eos: bool = True
+    # A token-level prompt compressor of kmerge.baselines (e.g. "random_drop"), applied to the
+    # prompt ids before merging; None = the whole prompt.
+    prompt_compressor: str | None = None
+    compression_ratio: float | None = None  # its target ratio (None for ratio-less ones)
+    compressor_seed: int = 0
+    freeze_encoder: bool = False  # keep the encoder at its init, the exact block mean
     base_fingerprint: dict = field(default_factory=dict)  # filled in by from_base
 
     def __post_init__(self) -> None:
@@ -69,6 +76,12 @@ class KMergeConfig:
             )
         if self.lora_r < 1:
             raise KMergeConfigError(f"lora_r must be >= 1, got {self.lora_r}")
+        self.make_compressor()  # fails here on an unknown compressor or a bad ratio
+
+    def make_compressor(self) -> PromptCompressor | None:
+        if self.prompt_compressor is None:
+            return None
+        return get_compressor(self.prompt_compressor, self.compression_ratio, self.compressor_seed)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -114,6 +127,7 @@ class KMergeModel(nn.Module):
         self.encoder = encoder
         self.tokenizer = tokenizer
         self.config = config
+        self.compressor = config.make_compressor()
 
     # ---------------------------------------------------------------- construction
     @classmethod
@@ -143,7 +157,7 @@ class KMergeModel(nn.Module):
             task_type="CAUSAL_LM",
         )
         peft_model = get_peft_model(base, lora)
-        encoder = cls._make_encoder(base, config)
+        encoder = cls._make_encoder(base, config).requires_grad_(not config.freeze_encoder)
         return cls(peft_model, encoder, tokenizer, config)
 
     @staticmethod
@@ -181,6 +195,9 @@ class KMergeModel(nn.Module):
     ) -> CompressedBatch:
         """Tokenise, embed and merge prompts; append answers as ordinary tokens."""
         prompt_ids = tokenize_prompts(self.tokenizer, prompts)
+        prompt_tokens = [len(ids) for ids in prompt_ids]  # measured before any compression
+        if self.compressor is not None:
+            prompt_ids = self.compressor.compress(prompt_ids, self)
         answer_ids = None
         if answers is not None:  # compress_batch checks that the counts agree
             answer_ids = tokenize_answers(
@@ -197,6 +214,7 @@ class KMergeModel(nn.Module):
             reserve=reserve,
             prefix_ids=self._prefix_ids(),
             segment_starts=self._segment_starts(prompt_ids),
+            prompt_tokens=prompt_tokens,
         )
 
     def _segment_starts(self, prompt_ids: list[list[int]]) -> list[list[bool]] | None:
@@ -387,7 +405,7 @@ class KMergeModel(nn.Module):
             p.requires_grad_(False)
         peft_model = PeftModel.from_pretrained(base, directory, is_trainable=is_trainable)
         model = cls(peft_model, encoder, tokenizer, config)
-        encoder.requires_grad_(is_trainable)
+        encoder.requires_grad_(is_trainable and not config.freeze_encoder)
         return model
 
     def trainable_parameters(self) -> list[nn.Parameter]:

@@ -1,0 +1,43 @@
+"""Methods that feed every prompt token's embedding, merged in blocks of K (K = ratio)."""
+
+from __future__ import annotations
+
+from kmerge.baselines.base import Method, register_baseline
+from kmerge.errors import KMergeConfigError
+
+
+def _block_size(method: Method) -> int:
+    ratio = method.ratio
+    if float(ratio) != int(ratio):
+        raise KMergeConfigError(
+            f"method {method.name!r} merges blocks of K = ratio tokens, so its ratio must be a "
+            f"whole number; got {ratio}"
+        )
+    return int(ratio)
+
+
+@register_baseline("kmerge")
+class KTokenMerging(Method):
+    """K-Token Merging itself: learned merge encoder + LoRA, K = ratio."""
+
+    def model_options(self) -> dict:
+        return {"k": _block_size(self)}
+
+
+@register_baseline("mean_pool")
+class MeanPool(Method):
+    """The mean of each K-block, no learned encoder (the encoder frozen at its initial state,
+    which is exactly the mean); LoRA-tuned like kmerge. Isolates what the encoder's MLP adds."""
+
+    def model_options(self) -> dict:
+        return {"k": _block_size(self), "freeze_encoder": True}
+
+
+@register_baseline("full")
+class Full(Method):
+    """No compression (K = 1), LoRA-tuned: the reference point at ratio 1."""
+
+    takes_ratio = False
+
+    def model_options(self) -> dict:
+        return {"k": 1}
