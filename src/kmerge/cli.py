@@ -234,7 +234,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         "train_seconds": round(result.train_seconds, 1),
         "final_eval": final or None,
         "checkpoint": str(Path(args.output_dir) / "checkpoint"),
-        "command": _command(),
+        "command": _command(args),
     }
     _write_json(Path(args.output_dir) / "results.json", summary)
     print(json.dumps(summary))
@@ -280,9 +280,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _command() -> str:
-    """The command line as typed (for the records that results carry)."""
-    return " ".join(shlex.quote(a) for a in ["kmerge", *sys.argv[1:]])
+def _command(args: argparse.Namespace) -> str:
+    """The command line as given to ``main`` (for the records that results carry)."""
+    return shlex.join(["kmerge", *args.argv])
 
 
 def _write_json(path: Path, payload: dict) -> None:
@@ -327,7 +327,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         "bad_rows_skipped": task.skipped_rows,
         "rows_filtered": getattr(task, "filtered_rows", 0),
         "task_options": options,
-        "command": _command(),
+        "command": _command(args),
     }
     print(json.dumps(result, indent=2))
     if args.output:
@@ -390,7 +390,7 @@ def cmd_pareto(args: argparse.Namespace) -> None:
         tune=args.tune,
         metric=args.metric,
         output_dir=args.output_dir,
-        command=_command(),
+        command=_command(args),
     )
     run_sweep(sweep)
 

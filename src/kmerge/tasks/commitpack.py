@@ -37,6 +37,7 @@ class CommitPackFTTask(RecordTask):
         language: str = "python",
         hub_id: str = HUB_ID,
         max_file_chars: int | None = None,
+        generate_n: int | None = 8,
         seed: int = 0,
         skip_bad_rows: bool = False,
         test_fraction: float = 0.1,
@@ -47,6 +48,7 @@ class CommitPackFTTask(RecordTask):
         self.language = language
         self.hub_id = hub_id
         self.max_file_chars = max_file_chars
+        self.generate_n = generate_n
         self.filtered_rows = 0  # rows left out by max_file_chars (reported, never silent)
 
     def convert(self, row: Mapping) -> Example:

@@ -13,6 +13,7 @@ import gzip
 import io
 import json
 import math
+import string
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -201,7 +202,11 @@ def number_field(row: Mapping, key: str) -> float:
 
 
 def format_template(template: str, row: Mapping) -> str:
-    """``template.format_map(row)``, with a clear error for a field the row lacks."""
+    """``template.format_map(row)``, with a clear error for a field the row lacks or leaves
+    empty (an empty review would otherwise become a valid-looking prompt)."""
+    for _, name, _, _ in string.Formatter().parse(template):
+        if name and name in row and (row[name] is None or not str(row[name]).strip()):
+            raise KMergeDataError(f'"{name}" is empty')
     try:
         text = template.format_map(row)
     except KeyError as e:

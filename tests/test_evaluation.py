@@ -1,0 +1,142 @@
+"""evaluate() on a tiny model: each pass agrees with the model's own losses, results do not
+depend on the batch size, sharded evaluation gathers to the single-process numbers, and the
+summaries follow hand-made records."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from kmerge.evaluation import evaluate, summarise
+from kmerge.tasks import Example, Task
+from tests.conftest import randomise_trainables
+
+
+class Sentiment(Task):
+    name = "sentiment-test"
+    answer_choices = ("negative", "positive")
+    metrics = ("choice_accuracy", "accuracy", "macro_f1", "perplexity")
+    primary_metric = "choice_accuracy"
+
+
+EXAMPLES = [
+    Example(f"Review: {text}, Label:", label)
+    for text, label in [
+        ("great shirt, fits well", "positive"),
+        ("fell apart after one wash", "negative"),
+        ("love it", "positive"),
+        ("too small and the colour is wrong", "negative"),
+        ("ok for the price I guess, would buy again", "positive"),
+    ]
+]
+
+
+@pytest.fixture
+def model(tiny_model):
+    m = tiny_model(2, base_overrides={"initializer_range": 0.3})
+    randomise_trainables(m, seed=1, std=0.05)
+    return m
+
+
+def test_choices_and_perplexity_follow_the_model_losses(model):
+    result = evaluate(model, EXAMPLES, Sentiment(), batch_size=2, progress=False)
+    with torch.no_grad():
+        for example, choice in zip(EXAMPLES, result["choices"]):
+            nll = {
+                c: model([example.prompt], [c]).loss.item()
+                * model([example.prompt], [c]).answer_tokens.item()
+                for c in Sentiment.answer_choices
+            }
+            assert choice == min(nll, key=nll.get)
+        out = model([e.prompt for e in EXAMPLES], [e.answer for e in EXAMPLES])
+        total = (out.example_losses * out.answer_tokens).sum().item()
+        expected = math.exp(total / out.answer_tokens.sum().item())
+    assert result["perplexity"] == pytest.approx(expected, rel=1e-5)
+    hits = [c == e.answer for c, e in zip(result["choices"], EXAMPLES)]
+    assert result["choice_accuracy"] == pytest.approx(sum(hits) / len(hits))
+    assert result["n_generated"] == len(EXAMPLES) and result["primary_metric"] == "choice_accuracy"
+    assert 0 <= result["p_lf1"] <= 1
+
+
+def test_results_do_not_depend_on_the_batch_size(model):
+    one = evaluate(model, EXAMPLES, Sentiment(), batch_size=1, progress=False)
+    many = evaluate(model, EXAMPLES, Sentiment(), batch_size=4, progress=False)
+    assert one["choices"] == many["choices"] and one["predictions"] == many["predictions"]
+    assert one["perplexity"] == pytest.approx(many["perplexity"], rel=1e-5)
+    assert one["mean_positions_fed"] == many["mean_positions_fed"]
+
+
+def test_generate_n_limits_generation_only(model):
+    task = Sentiment()
+    task.generate_n = 2
+    result = evaluate(model, EXAMPLES, task, batch_size=3, progress=False)
+    assert result["n_generated"] == 2 and result["n"] == 5
+    assert [p is not None for p in result["predictions"]] == [True, True, False, False, False]
+    assert len(result["choices"]) == 5  # scoring still covers every example
+
+
+def test_compression_is_measured(model):
+    result = evaluate(model, EXAMPLES, Sentiment(), progress=False)
+    batch = model.prepare([e.prompt for e in EXAMPLES])
+    assert result["mean_prompt_tokens"] == sum(batch.prompt_tokens) / len(EXAMPLES)
+    assert result["mean_positions_fed"] == sum(batch.positions_fed) / len(EXAMPLES)
+    assert result["length_reduction"] == pytest.approx(
+        1 - result["mean_positions_fed"] / result["mean_prompt_tokens"]
+    )
+
+
+def test_sharded_evaluation_gathers_to_the_single_process_result(model):
+    """Two shards, as two processes would evaluate them; `gather` puts their records together."""
+    full = evaluate(model, EXAMPLES, Sentiment(), progress=False)
+    shards = [EXAMPLES[:3], EXAMPLES[3:]]
+    collected: list[list] = []
+
+    def gather_second(records: list) -> list:  # rank 1 sees rank 0's records first
+        return collected[0] + records
+
+    evaluate(
+        model, shards[0], Sentiment(), progress=False, gather=lambda r: collected.append(r) or r
+    )
+    merged = evaluate(model, shards[1], Sentiment(), progress=False, gather=gather_second)
+    for key in ("choice_accuracy", "macro_f1", "accuracy", "mean_positions_fed", "n"):
+        assert merged[key] == pytest.approx(full[key])
+    assert merged["perplexity"] == pytest.approx(full["perplexity"], rel=1e-5)
+    assert merged["predictions"] == full["predictions"]
+
+
+def test_perplexity_p_lf1_needs_the_reference(model):
+    class Code(Task):
+        metrics = ("perplexity",)
+        primary_metric = "perplexity"
+
+    examples = [Example("Old: x = 1\nNew:", "x = 2")] * 2
+    alone = evaluate(model, examples, Code(), progress=False)
+    assert alone["p_lf1"] is None and "accuracy" not in alone and "n_generated" not in alone
+    ref = evaluate(model, examples, Code(), progress=False, reference_perplexity=1.0)
+    reduction = ref["length_reduction"]
+    performance = 1.0 / ref["perplexity"]
+    assert ref["p_lf1"] == pytest.approx(2 * performance * reduction / (performance + reduction))
+
+
+def test_summarise_by_hand():
+    records = [
+        {"prompt_tokens": 8, "positions_fed": 2, "answer": "a\nb", "prediction": "a\nb",
+         "choice": "a\nb"},
+        {"prompt_tokens": 4, "positions_fed": 1, "answer": "a\nb", "prediction": "a\nc",
+         "choice": "x"},
+    ]  # fmt: skip
+    out = summarise(records, ("accuracy", "edit_similarity", "choice_accuracy"), ("a\nb", "x"))
+    assert out["accuracy"] == 0.5
+    assert out["edit_similarity"] == pytest.approx((1.0 + 0.5) / 2)
+    assert out["choice_accuracy"] == 0.5
+    assert out["mean_prompt_tokens"] == 6 and out["compression"] == 4.0
+
+
+def test_choice_metrics_need_choices(model):
+    class NoChoices(Task):
+        metrics = ("macro_f1",)
+
+    with pytest.raises(ValueError, match="answer_choices"):
+        evaluate(model, EXAMPLES, NoChoices(), progress=False)
