@@ -42,6 +42,7 @@ def test_embedded_model_loads_and_is_cached(smollm):
 
 def test_k4_trains_generates_and_round_trips(smollm, tmp_path):
     base, tokenizer = smollm
+    torch.manual_seed(0)  # LoRA's A matrices are drawn from the global generator
     model = KMergeModel.from_base(base, KMergeConfig(k=4), tokenizer=tokenizer)
     examples = get_task("tree", stage="small", n_train=16, n_test=4).examples("train", 16)
     prompts, answers = [e.prompt for e in examples], [e.answer for e in examples]
@@ -59,7 +60,7 @@ def test_k4_trains_generates_and_round_trips(smollm, tmp_path):
     batch = model.prepare(prompts[:4])
     assert batch.positions_fed == [-(-n // 4) for n in batch.prompt_tokens]
     texts = model.generate(prompts[:4], max_new_tokens=3)
-    assert all(t in ("true", "false") for t in texts), texts
+    assert all(t.lower() in ("true", "false") for t in texts), texts  # as exact match reads it
 
     model.save_pretrained(tmp_path / "ckpt")
     reloaded = KMergeModel.from_pretrained(tmp_path / "ckpt")  # a fresh base, by name

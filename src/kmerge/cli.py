@@ -148,8 +148,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
         "--save-every",
         type=int,
         default=100,
-        help="steps between resumable checkpoints in OUTPUT_DIR/checkpoints (0: none; "
-        "SIGINT/SIGTERM always write one)",
+        help="steps between resumable checkpoints in OUTPUT_DIR/checkpoints; SIGINT/SIGTERM "
+        "then write one and stop cleanly (0: no checkpoints, signals act as usual)",
     )
     g.add_argument("--keep-checkpoints", type=int, default=2, help="how many to keep")
     g.add_argument(
@@ -216,16 +216,19 @@ def cmd_train(args: argparse.Namespace) -> None:
     cfg = _train_config(args, output_dir=args.output_dir)
     if _launched_processes(args.num_processes, args.argv):
         return
+    # Every process ends the same way; the main one reports for all of them.
     try:
         result = train(cfg)
     except TrainingInterrupted as stop:  # a clean stop, not an error: the checkpoint resumes it
-        print(f"kmerge: {stop}", file=sys.stderr)
+        if PartialState().is_main_process:
+            print(f"kmerge: {stop}", file=sys.stderr)
         raise SystemExit(128 + stop.signum) from None
     except NonFiniteLossError as err:
-        print(f"kmerge: error: {err}", file=sys.stderr)
+        if PartialState().is_main_process:
+            print(f"kmerge: error: {err}", file=sys.stderr)
         raise SystemExit(1) from None
     if not PartialState().is_main_process:
-        return  # the main process reports for all of them
+        return
     final = {k: v for k, v in (result.final_eval or {}).items() if k != "predictions"}
     summary = {
         "task": cfg.task,

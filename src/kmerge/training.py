@@ -4,25 +4,42 @@ A thin loop in the nanoGPT spirit: AdamW with separate learning rates for LoRA a
 linear warm-up then cosine decay, gradient accumulation and clipping, periodic evaluation,
 metrics as JSON Lines, an atomic checkpoint at the end. Curriculum mode walks through tree
 stages, moving on when held-out accuracy reaches the gate or the stage's step budget runs out.
+
+The same loop runs as each process of a data-parallel accelerate launch, and survives faults:
+resumable checkpoints (kmerge.checkpointing), a clean stop on SIGINT/SIGTERM, a NaN/inf loss
+stopping the run before it touches the weights. See docs/distributed.md.
 """
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import dataclasses
 import json
 import math
+import os
+import signal
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, gather_object, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
-from kmerge.errors import KMergeConfigError
+from kmerge.checkpointing import (
+    checkpoints_dir,
+    latest_checkpoint,
+    read_state,
+    save_checkpoint,
+    store_model_as_adapter,
+)
+from kmerge.errors import KMergeConfigError, KMergeDataError
 from kmerge.evaluation import evaluate
 from kmerge.modeling import KMergeConfig, KMergeModel
 from kmerge.tasks import Example, Task, get_task
@@ -59,13 +76,31 @@ class TrainConfig:
     seed: int = 0
     output_dir: str | None = None
     progress: bool = True
+    # Fault tolerance (needs output_dir): a resumable checkpoint every save_every steps, the
+    # newest keep_checkpoints kept, and one on SIGINT/SIGTERM, which then stop the run cleanly
+    # (save_every 0: no checkpoints, signals act as usual); resume continues from the newest.
+    save_every: int = 0
+    keep_checkpoints: int = 2
+    resume: bool = False
+    # For GPUs: "no", "fp16" or "bf16" (None: what the accelerate launch/config says, else "no")
+    mixed_precision: str | None = None
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory
 
     def __post_init__(self) -> None:
         if isinstance(self.model, dict):
             self.model = KMergeConfig.from_dict(self.model)
-        for name in ("steps", "batch_size", "grad_accum", "eval_every", "n_eval"):
+        positive = ("steps", "batch_size", "grad_accum", "eval_every", "n_eval", "keep_checkpoints")
+        for name in positive:
             if getattr(self, name) < 1:
                 raise KMergeConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.save_every < 0:
+            raise KMergeConfigError(f"save_every must be >= 0, got {self.save_every}")
+        if (self.save_every or self.resume) and not self.output_dir:
+            raise KMergeConfigError("save_every and resume need an output_dir for the checkpoints")
+        if self.mixed_precision not in (None, "no", "fp16", "bf16"):
+            raise KMergeConfigError(
+                f"mixed_precision must be 'no', 'fp16' or 'bf16', got {self.mixed_precision!r}"
+            )
         if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:
             raise KMergeConfigError(f"max_prompt_tokens must be >= 1, got {self.max_prompt_tokens}")
         if self.curriculum and self.task != "tree":
@@ -149,116 +184,418 @@ def make_optimizer(model: KMergeModel, cfg: TrainConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
 
 
+class TrainingInterrupted(Exception):
+    """SIGINT or SIGTERM stopped the run after a whole step; ``checkpoint`` holds everything
+    needed to continue it with ``resume=True``."""
+
+    def __init__(self, signum: int, step: int, checkpoint: Path):
+        self.signum, self.step, self.checkpoint = signum, step, checkpoint
+        name = signal.Signals(signum).name
+        super().__init__(
+            f"stopped by {name} after step {step}; checkpoint {checkpoint} (continue with --resume)"
+        )
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN or infinite: the run stopped before that update."""
+
+
+# Settings a resumed run may change: none of them touches the numbers the run computes.
+RESUMABLE_CHANGES = (
+    "output_dir", "progress", "resume", "save_every", "keep_checkpoints", "gradient_checkpointing",
+)  # fmt: skip
+
+
+@dataclass
+class Progress:
+    """Where a run stands. With the model, optimizer, scheduler and RNG states it is everything
+    a checkpoint needs to continue the run exactly."""
+
+    step: int = 0
+    stage_index: int = 0
+    stage_step: int = 0
+    epoch: int = 0  # of the current stage
+    batches_done: int = 0  # of the current epoch, on each process
+    epoch_rng: str | None = None  # the shuffling generator's state when the epoch began
+    window: list[float] = field(default_factory=list)  # losses since the last log record
+    elapsed: float = 0.0  # wall seconds up to the last checkpoint, evaluation included
+    eval_seconds: float = 0.0
+    final_eval: dict | None = None
+    history: list[dict] = field(default_factory=list)
+
+    def next_stage(self) -> None:
+        self.stage_index, self.stage_step, self.window = self.stage_index + 1, 0, []
+        self.epoch, self.batches_done, self.epoch_rng = 0, 0, None
+
+
 def train(cfg: TrainConfig, model: KMergeModel | None = None) -> TrainResult:
-    """Train ``model`` (built from ``cfg.model`` when not given) and return it with its history."""
+    """Train ``model`` (built from ``cfg.model`` when not given) and return it with its history.
+
+    Runs as one process or as each process of an accelerate launch (data parallel). With
+    ``save_every`` it writes a resumable checkpoint every ``save_every`` steps, and on SIGINT or
+    SIGTERM finishes the step, checkpoints and raises TrainingInterrupted; ``resume`` continues
+    from the newest complete checkpoint. A NaN/inf loss raises NonFiniteLossError."""
     set_seed(cfg.seed)
-    accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum)
+    accelerator = _make_accelerator(cfg)
+    out_dir = Path(cfg.output_dir) if cfg.output_dir else None
+    resume_from = _checkpoint_to_resume(cfg, out_dir)  # before the slow part: fail early
     if model is None:
         model = KMergeModel.from_base(cfg.model.base_model, cfg.model)
-    out_dir = Path(cfg.output_dir) if cfg.output_dir else None
+    if cfg.gradient_checkpointing:
+        # Non-reentrant checkpointing also works when no input requires grad (K=1, frozen
+        # encoder): the inputs are embeddings, not token ids.
+        model.lm.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": False}
+        )
     if out_dir and accelerator.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
-    stages = cfg.curriculum or [cfg.stage]
     optimizer = make_optimizer(model, cfg)
-    total_steps = cfg.steps * len(stages)
+    total_steps = cfg.steps * len(cfg.curriculum or [cfg.stage])
     scheduler = get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps, total_steps)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    history: list[dict] = []
-    metrics_file = (
-        (out_dir / "metrics.jsonl").open("w") if out_dir and accelerator.is_main_process else None
-    )
-
-    def log(record: dict) -> None:
-        history.append(record)
-        if metrics_file:
-            metrics_file.write(json.dumps(record) + "\n")
-            metrics_file.flush()
-
-    step, start, eval_seconds = 0, time.perf_counter(), 0.0
-    final_eval = None
-    bar = tqdm(total=total_steps, desc=f"train K={cfg.model.k}", disable=not cfg.progress)
-    for stage_index, stage in enumerate(stages):
-        data = load_data(cfg, model.tokenizer, stage if cfg.curriculum else None)
-        train_examples, eval_examples = data.train, data.held_out
-        log({"step": step, "stage": stage, "data": data.report()})
-        gate = cfg.final_gate if stage_index == len(stages) - 1 else cfg.gate
-        loader = DataLoader(
-            train_examples,
-            batch_size=cfg.batch_size,
-            shuffle=True,
-            generator=torch.Generator().manual_seed(cfg.seed + stage_index),
-            collate_fn=list,
-            drop_last=len(train_examples) >= cfg.batch_size,
-        )
-        loader = accelerator.prepare(loader)
-        stage_step, window, batches = 0, [], iter(loader)  # window: losses since the last log
-        model.train()
-        while stage_step < cfg.steps:
-            step_loss = 0.0
-            for _ in range(cfg.grad_accum):
-                try:
-                    batch = next(batches)
-                except StopIteration:
-                    batches = iter(loader)
-                    batch = next(batches)
-                with accelerator.accumulate(model):
-                    out = model([e.prompt for e in batch], [e.answer for e in batch])
-                    accelerator.backward(out.loss)
-                    if accelerator.sync_gradients:
-                        accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-                    optimizer.step()
-                    scheduler.step()
-                    optimizer.zero_grad()
-                step_loss += out.loss.item() / cfg.grad_accum
-            step, stage_step = step + 1, stage_step + 1
-            bar.update(1)
-            if not math.isfinite(step_loss):
-                raise FloatingPointError(f"loss became {step_loss} at step {step}; stopping")
-            window.append(step_loss)
-            if step % cfg.log_every == 0:
-                avg = sum(window) / len(window)
-                log(
-                    {
-                        "step": step,
-                        "stage": stage,
-                        "loss": avg,
-                        "lr": scheduler.get_last_lr()[0],
-                        "elapsed": time.perf_counter() - start,
-                    }
-                )
-                bar.set_postfix(loss=f"{avg:.3f}", stage=stage)
-                window = []
-            if eval_examples and (step % cfg.eval_every == 0 or stage_step == cfg.steps):
-                final_eval = evaluate(
-                    accelerator.unwrap_model(model), eval_examples, data.task, progress=False
-                )
-                primary = final_eval["primary_metric"]
-                eval_seconds += final_eval["eval_seconds"]
-                model.train()
-                log(
-                    {
-                        "step": step,
-                        "stage": stage,
-                        **{
-                            f"eval_{name}": value
-                            for name, value in final_eval.items()
-                            if isinstance(value, float) and name != "eval_seconds"
-                        },
-                        "elapsed": time.perf_counter() - start,
-                    }
-                )
-                bar.write(
-                    f"step {step} stage {stage}: held-out {primary} {final_eval[primary]:.3f}"
-                )
-                if cfg.curriculum and final_eval[primary] >= gate:
-                    break
-    bar.close()
-    train_seconds = time.perf_counter() - start - eval_seconds  # optimisation time only
+    store_model_as_adapter(accelerator)
+    trainer = _Trainer(cfg, accelerator, model, optimizer, scheduler, out_dir)
+    if resume_from:
+        trainer.resume(resume_from)
+    trainer.run()
+    progress = trainer.progress
+    train_seconds = trainer.elapsed() - progress.eval_seconds  # optimisation time only
+    accelerator.wait_for_everyone()
     model = accelerator.unwrap_model(model)
     model.eval()
     if out_dir and accelerator.is_main_process:
         model.save_pretrained(out_dir / "checkpoint")
-    if metrics_file:
-        metrics_file.close()
-    return TrainResult(model, history, train_seconds, step, final_eval)
+    return TrainResult(model, progress.history, train_seconds, progress.step, progress.final_eval)
+
+
+class _Trainer:
+    """The training loop: its state (``progress``) and the steps that move it on."""
+
+    def __init__(self, cfg, accelerator, model, optimizer, scheduler, out_dir: Path | None):
+        self.cfg, self.accelerator, self.out_dir = cfg, accelerator, out_dir
+        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.stages = cfg.curriculum or [cfg.stage]
+        self.tokenizer = accelerator.unwrap_model(model).tokenizer
+        self.progress = Progress()
+        self.checkpoint: Path | None = None  # the newest one written or resumed from
+        self.start = time.perf_counter()
+        self.stop_signals: list[int] = []
+        self.metrics_file = None
+        self.bar = None
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def log(self, record: dict) -> None:
+        self.progress.history.append(record)
+        if self.metrics_file:
+            self.metrics_file.write(json.dumps(record) + "\n")
+            self.metrics_file.flush()
+
+    # ------------------------------------------------------------------ the loop
+    def run(self) -> None:
+        acc, cfg = self.accelerator, self.cfg
+        with contextlib.ExitStack() as stack:
+            if cfg.save_every:  # a signal then checkpoints and stops the run cleanly
+                self.stop_signals = stack.enter_context(_stop_requests())
+            if self.out_dir and acc.is_main_process:
+                self.metrics_file = stack.enter_context((self.out_dir / "metrics.jsonl").open("w"))
+                for record in self.progress.history:  # a resumed run's records so far
+                    self.metrics_file.write(json.dumps(record) + "\n")
+            self.bar = stack.enter_context(
+                tqdm(
+                    total=cfg.steps * len(self.stages),
+                    initial=self.progress.step,
+                    desc=f"train K={cfg.model.k}",
+                    disable=not (cfg.progress and acc.is_main_process),
+                )
+            )
+            while self.progress.stage_index < len(self.stages):
+                self._train_stage()
+        self.metrics_file = None
+
+    def _train_stage(self) -> None:
+        cfg, p = self.cfg, self.progress
+        stage = self.stages[p.stage_index]
+        data = load_data(cfg, self.tokenizer, stage if cfg.curriculum else None)
+        if p.stage_step == 0:  # not when resuming inside the stage: logged already
+            self.log({"step": p.step, "stage": stage, "data": data.report()})
+        gate = cfg.final_gate if p.stage_index == len(self.stages) - 1 else cfg.gate
+        batches = self._batches(data.train)
+        self.model.train()
+        while True:
+            loss = self._optimizer_step(batches, stage)
+            p.step, p.stage_step = p.step + 1, p.stage_step + 1
+            self.bar.update(1)
+            self._log_loss(stage, loss)
+            done = p.stage_step == cfg.steps
+            if data.held_out and (p.step % cfg.eval_every == 0 or done):
+                result = self._evaluate(data, stage)
+                done = done or bool(cfg.curriculum) and result[result["primary_metric"]] >= gate
+            if done:
+                p.next_stage()  # so that a checkpoint taken now starts the next stage
+            self._checkpoint_if_due()
+            if done:
+                return
+
+    def _batches(self, examples: list[Example]) -> Iterator[list[Example]]:
+        """This stage's batches, epoch after epoch. The data position is kept in ``progress``
+        so that a resumed run gets the same batches in the same order."""
+        cfg, p, acc = self.cfg, self.progress, self.accelerator
+        if not examples:
+            raise KMergeDataError("no training examples to train on")
+        generator = torch.Generator().manual_seed(cfg.seed + p.stage_index)
+        loader = DataLoader(
+            examples,
+            batch_size=cfg.batch_size,  # per process
+            shuffle=True,
+            generator=generator,
+            collate_fn=list,
+            drop_last=len(examples) >= cfg.batch_size,
+        )
+        loader = acc.prepare(loader)  # with several processes: each its own batches
+        while True:
+            if p.epoch_rng is None:  # a new epoch: note the state its order is drawn from
+                p.epoch_rng = _encode_rng(generator.get_state())
+                epoch = loader
+            else:  # resuming inside an epoch: draw the same order, skip the batches used
+                generator.set_state(_decode_rng(p.epoch_rng))
+                epoch = acc.skip_first_batches(loader, p.batches_done)
+            for batch in epoch:
+                p.batches_done += 1
+                yield batch
+            p.epoch, p.batches_done, p.epoch_rng = p.epoch + 1, 0, None
+
+    def _optimizer_step(self, batches: Iterator[list[Example]], stage: str) -> float:
+        """One optimizer step over ``grad_accum`` micro-batches; returns the loss averaged over
+        the micro-batches and the processes (what one process with the whole batch logs)."""
+        acc, cfg = self.accelerator, self.cfg
+        step_loss = 0.0
+        for _ in range(cfg.grad_accum):
+            batch = next(batches)
+            with acc.accumulate(self.model):
+                out = self.model([e.prompt for e in batch], [e.answer for e in batch])
+                loss = acc.reduce(out.loss.detach(), "mean").item()  # the same on every process
+                if not math.isfinite(loss):  # before the update: the weights stay good
+                    raise NonFiniteLossError(self._non_finite_message(loss, stage))
+                acc.backward(out.loss)
+                if acc.sync_gradients:
+                    acc.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
+                self.optimizer.step()
+                if acc.sync_gradients:  # once per optimizer step, however many processes
+                    self.scheduler.step()
+                self.optimizer.zero_grad()
+            step_loss += loss / cfg.grad_accum
+        return step_loss
+
+    def _non_finite_message(self, loss: float, stage: str) -> str:
+        kept = (
+            f"the last good checkpoint is {self.checkpoint}"
+            if self.checkpoint
+            else "no checkpoint was written before it"
+        )
+        return (
+            f"loss became {loss} at step {self.progress.step + 1} (stage {stage}); "
+            f"stopped before that update, {kept}"
+        )
+
+    def _log_loss(self, stage: str, loss: float) -> None:
+        p = self.progress
+        p.window.append(loss)
+        if p.step % self.cfg.log_every == 0:
+            avg = sum(p.window) / len(p.window)
+            lr = self.scheduler.get_last_lr()[0]
+            self.log(
+                {"step": p.step, "stage": stage, "loss": avg, "lr": lr, "elapsed": self.elapsed()}
+            )
+            self.bar.set_postfix(loss=f"{avg:.3f}", stage=stage)
+            p.window = []
+
+    def _evaluate(self, data: TaskData, stage: str) -> dict:
+        """Held-out metrics. With several processes each evaluates a shard and the per-example
+        results are gathered, so the numbers equal one process's."""
+        acc, p = self.accelerator, self.progress
+        examples, gather = data.held_out, None
+        if acc.num_processes > 1 and len(examples) >= acc.num_processes:  # no shard left empty
+            with acc.split_between_processes(examples) as shard:
+                examples, gather = shard, gather_object
+        final_eval = evaluate(
+            acc.unwrap_model(self.model), examples, data.task, progress=False, gather=gather
+        )
+        primary = final_eval["primary_metric"]
+        p.eval_seconds += final_eval["eval_seconds"]
+        p.final_eval = final_eval
+        self.model.train()
+        self.log(
+            {
+                "step": p.step,
+                "stage": stage,
+                **{
+                    f"eval_{name}": value
+                    for name, value in final_eval.items()
+                    if isinstance(value, float) and name != "eval_seconds"
+                },
+                "elapsed": self.elapsed(),
+            }
+        )
+        if acc.is_main_process:
+            self.bar.write(
+                f"step {p.step} stage {stage}: held-out {primary} {final_eval[primary]:.3f}"
+            )
+        return final_eval
+
+    # ------------------------------------------------------------------ checkpoints
+    def _checkpoint_if_due(self) -> None:
+        """Checkpoint every ``save_every`` steps; on SIGINT/SIGTERM checkpoint and stop."""
+        signum = self._stop_signal()
+        if signum or (self.cfg.save_every and self.progress.step % self.cfg.save_every == 0):
+            self.save()
+        if signum:
+            raise TrainingInterrupted(signum, self.progress.step, self.checkpoint)
+
+    def _stop_signal(self) -> int:
+        """The signal received (0: none), agreed on by all processes so that they all stop after
+        the same step."""
+        signum = self.stop_signals[0] if self.stop_signals else 0
+        if self.accelerator.num_processes > 1:
+            flags = torch.tensor([signum], device=self.accelerator.device)
+            signum = int(self.accelerator.gather(flags).max())
+        return signum
+
+    def save(self) -> None:
+        p = self.progress
+        p.elapsed = self.elapsed()
+        state = {"run": self._identity(), "progress": dataclasses.asdict(p)}
+        root = checkpoints_dir(self.out_dir)
+        self.checkpoint = save_checkpoint(
+            self.accelerator, root, p.step, state, self.cfg.keep_checkpoints
+        )
+
+    def resume(self, path: Path) -> None:
+        """Continue from the checkpoint at ``path``: refused if another run wrote it."""
+        state = read_state(path)
+        mismatches = _differences(state["run"], self._identity())
+        if mismatches:
+            raise KMergeConfigError(
+                f"checkpoint {path} was written by a run with other settings "
+                f"({'; '.join(mismatches)}): resume with the same settings or use another "
+                "output directory"
+            )
+        self.accelerator.load_state(path)  # model, optimizer, scheduler, RNG states
+        self.progress = Progress(**state["progress"])
+        self.start = time.perf_counter() - self.progress.elapsed
+        self.checkpoint = path
+        self.progress.history.append({"step": self.progress.step, "resumed_from": str(path)})
+
+    def _identity(self) -> dict:
+        """What a checkpoint and the run that resumes it must agree on."""
+        settings = {k: v for k, v in self.cfg.to_dict().items() if k not in RESUMABLE_CHANGES}
+        identity = {
+            "config": settings,
+            "model": self.accelerator.unwrap_model(self.model).config.to_dict(),
+            "processes": self.accelerator.num_processes,
+            "mixed_precision": self.accelerator.mixed_precision,
+        }
+        return json.loads(json.dumps(identity))  # as it reads back from JSON
+
+
+def _make_accelerator(cfg: TrainConfig) -> Accelerator:
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    # Without a GPU, accelerate runs the processes of a multi-process launch as unrelated single
+    # processes unless told to use the CPU; then they train together over gloo.
+    cpu = launched > 1 and not _gpu_available()
+    try:
+        accelerator = Accelerator(
+            cpu=cpu,
+            mixed_precision=cfg.mixed_precision,
+            gradient_accumulation_steps=cfg.grad_accum,
+            step_scheduler_with_optimizer=False,  # stepped by hand, once per optimizer step
+        )
+    except ValueError as err:  # e.g. fp16 without a GPU
+        raise KMergeConfigError(f"mixed_precision={cfg.mixed_precision!r}: {err}") from None
+    if launched > 1 and accelerator.num_processes == 1:
+        raise KMergeConfigError(
+            f"launched as {launched} processes but accelerate set up a single one "
+            f"({accelerator.distributed_type}); check the accelerate config"
+        )
+    deepspeed = accelerator.state.deepspeed_plugin
+    if accelerator.distributed_type == DistributedType.FSDP or (
+        deepspeed and deepspeed.zero_stage == 3
+    ):
+        # Every forward pass of a sharded model is a collective operation, but evaluation
+        # generates on each process's own shard of examples (different lengths), and the export
+        # reads the weights on the main process alone: they would wait for each other forever.
+        raise KMergeConfigError(
+            "sharded weights (FSDP, DeepSpeed ZeRO-3) are not supported yet; use DDP or "
+            "DeepSpeed ZeRO-2 (docs/distributed.md)"
+        )
+    if deepspeed:  # DeepSpeed wants the batch size at the model's prepare(), before any loader
+        deepspeed.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.batch_size
+    return accelerator
+
+
+def _gpu_available() -> bool:
+    devices = getattr(torch, "accelerator", None)  # torch >= 2.6 knows every device type
+    return devices.is_available() if devices else torch.cuda.is_available()
+
+
+def _checkpoint_to_resume(cfg: TrainConfig, out_dir: Path | None) -> Path | None:
+    """The checkpoint to continue from (None: a fresh run); an earlier run's checkpoints are
+    never overwritten by a fresh run by mistake."""
+    if out_dir is None:
+        return None
+    root = checkpoints_dir(out_dir)
+    latest = latest_checkpoint(root) if root.is_dir() else None
+    if cfg.resume and latest is None:
+        raise KMergeConfigError(f"--resume: no complete checkpoint in {root} to continue from")
+    if latest is not None and not cfg.resume:
+        raise KMergeConfigError(
+            f"{root} holds checkpoints of an earlier run (newest: {latest.name}): pass --resume "
+            "to continue it, or use another output directory"
+        )
+    return latest
+
+
+@contextlib.contextmanager
+def _stop_requests() -> Iterator[list[int]]:
+    """Note SIGINT/SIGTERM in a list instead of stopping at once, so that the loop can finish
+    its step and checkpoint; a second signal of the same kind acts as it did before."""
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received  # only the main thread may set signal handlers
+        return
+
+    def note(signum: int, frame) -> None:
+        received.append(signum)
+        signal.signal(signum, previous[signum])
+
+    kinds = (signal.SIGINT, signal.SIGTERM)
+    previous = {s: signal.getsignal(s) or signal.SIG_DFL for s in kinds}
+    for s in kinds:
+        signal.signal(s, note)
+    try:
+        yield received
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def _differences(saved: dict, current: dict, prefix: str = "") -> list[str]:
+    """``key: saved value there, current value here`` for every leaf that differs."""
+    out = []
+    for key in sorted(set(saved) | set(current)):
+        a, b = saved.get(key), current.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: {a!r} there, {b!r} here")
+    return out
+
+
+def _encode_rng(state: torch.Tensor) -> str:
+    return base64.b64encode(state.numpy().tobytes()).decode()
+
+
+def _decode_rng(text: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
