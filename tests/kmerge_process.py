@@ -20,20 +20,21 @@ from kmerge.modeling import ENCODER_FILE
 ENV = os.environ | {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "0"}
 
 
-def start(argv: list, log: Path) -> subprocess.Popen:
-    """Start ``python -m kmerge *argv`` with its output going to ``log``."""
+def start(argv: list, log: Path, module: list | tuple = ("kmerge",)) -> subprocess.Popen:
+    """Start ``python -m kmerge *argv`` (``module``: what follows ``-m`` instead of kmerge)
+    with its output going to ``log``."""
     with log.open("w") as out:
         return subprocess.Popen(
-            [sys.executable, "-m", "kmerge", *map(str, argv)],
+            [sys.executable, "-m", *map(str, module), *map(str, argv)],
             stdout=out,
             stderr=subprocess.STDOUT,
             env=ENV,
         )
 
 
-def run(argv: list, log: Path, timeout: float = 300) -> int:
-    """Run ``python -m kmerge *argv`` to the end; its exit status."""
-    return start(argv, log).wait(timeout)
+def run(argv: list, log: Path, timeout: float = 300, module: list | tuple = ("kmerge",)) -> int:
+    """Run ``python -m kmerge *argv`` (see ``start``) to the end; its exit status."""
+    return start(argv, log, module).wait(timeout)
 
 
 def wait_for(condition: Callable[[], bool], proc: subprocess.Popen, log: Path, what: str) -> None:

@@ -1,6 +1,7 @@
 """Scale-out on accelerate: two CPU processes (gloo) with batch b train like one process with
-batch 2b, evaluate on shards that add up to the whole held-out set, and resume exactly; mixed
-precision and gradient checkpointing."""
+batch 2b, evaluate on shards that add up to the whole held-out set, and resume exactly, with
+replicated (DDP) and with sharded (FSDP2) weights; mixed precision and gradient
+checkpointing."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import json
 import math
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -16,7 +18,10 @@ from accelerate.utils import DistributedType
 
 from kmerge.checkpointing import read_state
 from kmerge.cli import main
-from kmerge.training import train
+from kmerge.errors import KMergeConfigError
+from kmerge.evaluation import merge_shards, shard_indices
+from kmerge.modeling import KMergeModel
+from kmerge.training import _check_sharding, train
 from tests import kmerge_process
 from tests.kmerge_process import assert_same_weights, records
 from tests.test_training import small_run
@@ -66,14 +71,88 @@ def test_two_processes_train_like_one_with_twice_the_batch(tiny_dir, tmp_path):
     assert records(two, "loss") == losses_two
 
 
+EXAMPLES = Path(__file__).parents[1] / "examples" / "accelerate"
+
+
+def test_fsdp_two_processes_train_like_one_and_export_the_trained_model(tiny_dir, tmp_path):
+    """examples/accelerate/fsdp.yaml as it is, on two CPU processes (tests/fsdp_cpu.py: torch's
+    FSDP2 over gloo, which accelerate only sets up on GPUs). Each process holds half of every
+    weight, so evaluation (7 examples: shards of 4 and 3 + 1 repeat) runs in lockstep."""
+    one, two, log = tmp_path / "one", tmp_path / "two", tmp_path / "two.log"
+    launch = [
+        "accelerate.commands.launch", "--config_file", EXAMPLES / "fsdp.yaml",
+        "--num_processes", "2", "--mixed_precision", "no", "--main_process_port", "0",
+        "-m", "tests.fsdp_cpu",
+    ]  # fmt: skip
+    status = kmerge_process.run(train_args(tiny_dir, two, 2), log, module=launch)
+    assert status == 0, log.read_text()[-3000:]
+    main(train_args(tiny_dir, one, 4))
+
+    losses_two = records(two, "loss")
+    for a, b in zip(records(one, "loss"), losses_two, strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+        assert b["lr"] == pytest.approx(a["lr"], rel=1e-12)
+    assert records(two, "eval_accuracy") == records(one, "eval_accuracy")
+    step4 = two / "checkpoints" / "step-00000004"
+    assert (step4 / "pytorch_model_fsdp_0").is_dir()  # the shards accelerate restores
+    assert_same_weights(step4 / "model", two / "checkpoint")  # both gathered from the shards
+
+    # The export is the trained model: it loads and gives one process's loss.
+    prompts, answers = ["a tree: 1 -> 2, 2 -> 3. Root?", "x y z w v u"], ["1", "u"]
+    losses = [
+        KMergeModel.from_pretrained(run / "checkpoint")(prompts, answers).loss.item()
+        for run in (one, two)
+    ]
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5)
+
+    # Resuming from the step-2 shards ends with exactly the uninterrupted weights.
+    shutil.copytree(two / "checkpoint", tmp_path / "uninterrupted")
+    shutil.rmtree(step4)
+    status = kmerge_process.run(train_args(tiny_dir, two, 2, "--resume"), log, module=launch)
+    assert status == 0, log.read_text()[-3000:]
+    assert_same_weights(tmp_path / "uninterrupted", two / "checkpoint")
+    assert records(two, "loss") == losses_two
+
+
+def test_padded_shards_gather_to_the_single_process_result():
+    """Uneven shards are padded to one length (every process runs the same batches) and the
+    repeats are dropped when the records are gathered."""
+    for n, processes in [(7, 3), (8, 3), (9, 3), (2, 3), (5, 1)]:
+        records_of = {i: {"example": i} for i in range(n)}
+        shards = [shard_indices(n, rank, processes) for rank in range(processes)]
+        assert len({len(shard) for shard in shards}) == 1
+        gathered = [(i, records_of[i]) for shard in shards for i in shard]  # in rank order
+        assert merge_shards(gathered) == [records_of[i] for i in range(n)]
+    assert shard_indices(7, 1, 3) == [3, 4, 4]
+
+
+@pytest.mark.parametrize(
+    "fsdp_version, zero_stage, refused",
+    [(1, None, "FSDP version 1 is not supported"), (None, 3, "DeepSpeed ZeRO-3 is not supported")],
+)
+def test_unsupported_sharding_is_refused(fsdp_version, zero_stage, refused):
+    fsdp = SimpleNamespace(fsdp_version=fsdp_version) if fsdp_version else None
+    deepspeed = SimpleNamespace(zero_stage=zero_stage) if zero_stage else None
+    kind = DistributedType.FSDP if fsdp else DistributedType.DEEPSPEED
+    accelerator = SimpleNamespace(
+        distributed_type=kind, state=SimpleNamespace(fsdp_plugin=fsdp, deepspeed_plugin=deepspeed)
+    )
+    with pytest.raises(KMergeConfigError, match=refused):
+        _check_sharding(accelerator)
+
+
 @pytest.mark.parametrize(
     "name, kind",
-    [("ddp", DistributedType.MULTI_GPU), ("deepspeed_zero2", DistributedType.DEEPSPEED)],
+    [
+        ("ddp", DistributedType.MULTI_GPU),
+        ("fsdp", DistributedType.FSDP),
+        ("deepspeed_zero2", DistributedType.DEEPSPEED),
+    ],
 )
 def test_example_accelerate_configs_load(name, kind):
-    """accelerate reads them as they are (it refuses unknown keys); ddp.yaml was also run here,
-    on CPU processes (docs/distributed.md)."""
-    path = Path(__file__).parents[1] / "examples" / "accelerate" / f"{name}.yaml"
+    """accelerate reads them as they are (it refuses unknown keys); ddp.yaml and fsdp.yaml were
+    also run here, on CPU processes (docs/distributed.md)."""
+    path = EXAMPLES / f"{name}.yaml"
     config = load_config_from_file(str(path))
     assert config.distributed_type == kind and config.num_processes >= 2
 

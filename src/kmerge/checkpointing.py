@@ -4,7 +4,8 @@
 - ``model/``: LoRA adapter, encoder and kmerge config (``KMergeModel.save_pretrained``, so
   ``kmerge eval --checkpoint .../model`` works on it);
 - accelerate's state (``Accelerator.save_state``): optimizer, scheduler, grad scaler and every
-  process's RNG states (python, numpy, torch, CUDA);
+  process's RNG states (python, numpy, torch, CUDA); with FSDP also its shards of every weight
+  and of the optimizer state, which ``load_state`` restores;
 - ``trainer_state.json``: step, curriculum stage, data position, the run's settings, history;
 - ``COMPLETE``: written last, listing every file with its size.
 
@@ -112,29 +113,39 @@ def incomplete_reason(path: Path) -> str | None:
     return None
 
 
+def weights_sharded(accelerator: Accelerator) -> bool:
+    """Whether each process holds only a shard of the model's weights (FSDP)."""
+    return accelerator.distributed_type == DistributedType.FSDP
+
+
+def save_model(accelerator: Accelerator, model, directory: Path) -> None:
+    """``save_pretrained`` of the prepared ``model`` (adapter + encoder), written by the main
+    process. With sharded weights every process must call it: the full weights are gathered."""
+    state_dict = accelerator.get_state_dict(model) if weights_sharded(accelerator) else None
+    if accelerator.is_main_process:
+        accelerator.unwrap_model(model).save_pretrained(directory, state_dict=state_dict)
+
+
 def store_model_as_adapter(accelerator: Accelerator) -> None:
     """Make ``save_state``/``load_state`` keep the model as ``model/`` (adapter + encoder)
     instead of accelerate's copy of every weight, the frozen base model's included.
 
-    FSDP and DeepSpeed shard the weights and store them with their own engines: left as is."""
-    if accelerator.distributed_type in (
-        DistributedType.FSDP,
-        DistributedType.DEEPSPEED,
-        DistributedType.MEGATRON_LM,
-    ):
+    FSDP saves and restores its shards of every weight itself (``model/`` is written next to
+    them, for ``kmerge eval``); DeepSpeed stores the model with its own engine: left as is."""
+    if accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM):
         return
 
     def save(models: list, weights: list, output_dir: str) -> None:
         (model,) = models
-        if accelerator.is_main_process:
-            accelerator.unwrap_model(model).save_pretrained(Path(output_dir) / MODEL_DIR)
+        save_model(accelerator, model, Path(output_dir) / MODEL_DIR)
         weights.clear()
 
     def load(models: list, input_dir: str) -> None:
         load_trainable(accelerator.unwrap_model(models.pop()), Path(input_dir) / MODEL_DIR)
 
     accelerator.register_save_state_pre_hook(save)
-    accelerator.register_load_state_pre_hook(load)
+    if not weights_sharded(accelerator):
+        accelerator.register_load_state_pre_hook(load)
 
 
 def load_trainable(model: KMergeModel, directory: Path) -> None:

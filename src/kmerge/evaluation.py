@@ -29,7 +29,7 @@ from kmerge.metrics import (
 from kmerge.modeling import KMergeModel
 from kmerge.tasks import Example, Task
 
-__all__ = ["evaluate", "normalise_answer"]
+__all__ = ["evaluate", "merge_shards", "normalise_answer", "shard_indices"]
 
 GENERATION_METRICS = ("accuracy", "edit_similarity")
 CHOICE_METRICS = ("choice_accuracy", "macro_f1")
@@ -46,6 +46,7 @@ def evaluate(
     reference_perplexity: float | None = None,
     progress: bool = True,
     gather: Callable[[list], list] | None = None,
+    synced: bool = False,
 ) -> dict:
     """Compute ``task.metrics`` (default: exact-match ``accuracy``) on ``examples``.
 
@@ -58,6 +59,11 @@ def evaluate(
     shard of ``examples``: the per-example records of all shards are gathered, in rank order,
     before the metrics are computed, so they equal a single-process evaluation (``generate_n``
     then counts per shard).
+
+    ``synced``: the model's weights are sharded (FSDP), so every forward pass is a collective
+    step of all processes: generation keeps stepping until every process is done
+    (``synced_gpus``). The shards must then have the same number of examples
+    (``shard_indices``).
 
     Returns every metric, ``primary_metric`` (its name), n, mean prompt tokens, mean prompt
     positions fed (measured from the batches), their ratio, length reduction, P-LF1, wall time,
@@ -89,7 +95,7 @@ def evaluate(
             generate = max(0, min(batch_size, n_generate - i))
             _fill_records(
                 model, examples[i : i + batch_size], records[i : i + batch_size],
-                metrics, choices, generate, max_new_tokens,
+                metrics, choices, generate, max_new_tokens, synced,
             )  # fmt: skip
     finally:
         model.train(was_training)
@@ -117,6 +123,7 @@ def _fill_records(
     choices: Sequence[str] | None,
     generate: int,
     max_new_tokens: int | None,
+    synced: bool = False,
 ) -> None:
     """Run the passes the metrics need on one batch; write each example's results in ``rows``
     (prediction only for the first ``generate`` examples)."""
@@ -135,12 +142,35 @@ def _fill_records(
             batch_to_generate = model.prepare(prompts[:generate], reserve=max_new_tokens)
         else:
             batch_to_generate = batch
-        ids = model.generate_ids(batch_to_generate, max_new_tokens=max_new_tokens)
+        ids = model.generate_ids(
+            batch_to_generate, max_new_tokens=max_new_tokens, synced_gpus=synced
+        )
         texts = model.tokenizer.batch_decode(ids, skip_special_tokens=True)
         for row, text in zip(rows, texts):
             row["prediction"] = text.strip()
     for row, p, f in zip(rows, batch.prompt_tokens, batch.positions_fed):
         row |= {"prompt_tokens": p, "positions_fed": f}
+
+
+def shard_indices(n: int, rank: int, processes: int) -> list[int]:
+    """The indices of the examples process ``rank`` evaluates: contiguous shards (the first
+    ``n % processes`` one longer), each padded to the longest by repeating its last index, so
+    that every process runs the same batches (sharded weights need that). ``merge_shards``
+    drops the repeats again."""
+    base, extra = divmod(n, processes)
+    start = rank * base + min(rank, extra)
+    indices = list(range(start, start + base + (rank < extra)))
+    longest = base + (extra > 0)
+    return indices + [indices[-1] if indices else n - 1] * (longest - len(indices))
+
+
+def merge_shards(gathered: list[tuple[int, dict]]) -> list[dict]:
+    """Per-example records from ``(index, record)`` pairs of all shards, in example order,
+    each index once (the padding repeats of ``shard_indices`` dropped)."""
+    merged: dict[int, dict] = {}
+    for index, record in gathered:
+        merged.setdefault(index, record)
+    return [merged[i] for i in sorted(merged)]
 
 
 def _answer_nll(

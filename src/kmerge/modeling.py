@@ -186,6 +186,12 @@ class KMergeModel(nn.Module):
         return getattr(self.lm.config, "max_position_embeddings", None)
 
     @property
+    def _no_split_modules(self) -> list[str]:
+        """The base model's layer classes: what FSDP's transformer auto-wrap shards one by one
+        (accelerate reads this attribute from the model it wraps, here a KMergeModel)."""
+        return list(getattr(self.lm, "_no_split_modules", None) or [])
+
+    @property
     def device(self) -> torch.device:
         return self.lm.get_input_embeddings().weight.device
 
@@ -312,17 +318,23 @@ class KMergeModel(nn.Module):
         return [row[: row.index(eos)] if eos in row else row for row in out.tolist()]
 
     # ---------------------------------------------------------------- persistence
-    def save_pretrained(self, directory: str | Path) -> Path:
-        """Write adapter, encoder (safetensors) and kmerge config; atomic (temp dir + rename)."""
+    def save_pretrained(self, directory: str | Path, state_dict: dict | None = None) -> Path:
+        """Write adapter, encoder (safetensors) and kmerge config; atomic (temp dir + rename).
+
+        ``state_dict``: this model's full state dict (keys as in ``self.state_dict()``), for
+        when its own parameters are shards (FSDP): ``accelerator.get_state_dict`` gathers it."""
+        state_dict = self.state_dict() if state_dict is None else state_dict
+        adapter = _with_prefix(state_dict, "peft_model.")
+        encoder = _with_prefix(state_dict, "encoder.")
         directory = Path(directory)
         directory.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}-", dir=directory.parent))
         try:
             # Embeddings are never trained (they feed the encoder); saying so also stops peft
             # from looking the base model up on the hub.
-            self.peft_model.save_pretrained(tmp, save_embedding_layers=False)
-            state = {k: v.detach().cpu().contiguous() for k, v in self.encoder.state_dict().items()}
-            save_file(state, tmp / ENCODER_FILE, metadata={"k": str(self.k)})
+            self.peft_model.save_pretrained(tmp, save_embedding_layers=False, state_dict=adapter)
+            encoder = {k: v.detach().cpu().contiguous() for k, v in encoder.items()}
+            save_file(encoder, tmp / ENCODER_FILE, metadata={"k": str(self.k)})
             (tmp / CONFIG_FILE).write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
             self.tokenizer.save_pretrained(tmp / "tokenizer")
             if directory.exists():
@@ -410,3 +422,8 @@ class KMergeModel(nn.Module):
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
+
+
+def _with_prefix(state_dict: dict, prefix: str) -> dict:
+    """The entries of ``state_dict`` under ``prefix``, with the prefix removed."""
+    return {k.removeprefix(prefix): v for k, v in state_dict.items() if k.startswith(prefix)}

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, gather_object, set_seed
+from accelerate.utils import gather_object, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
@@ -37,10 +37,12 @@ from kmerge.checkpointing import (
     latest_checkpoint,
     read_state,
     save_checkpoint,
+    save_model,
     store_model_as_adapter,
+    weights_sharded,
 )
 from kmerge.errors import KMergeConfigError, KMergeDataError
-from kmerge.evaluation import evaluate
+from kmerge.evaluation import evaluate, merge_shards, shard_indices
 from kmerge.modeling import KMergeConfig, KMergeModel
 from kmerge.tasks import Example, Task, get_task
 from kmerge.tasks.base import fit_prompts
@@ -262,10 +264,10 @@ def train(cfg: TrainConfig, model: KMergeModel | None = None) -> TrainResult:
     progress = trainer.progress
     train_seconds = trainer.elapsed() - progress.eval_seconds  # optimisation time only
     accelerator.wait_for_everyone()
-    model = accelerator.unwrap_model(model)
+    if out_dir:
+        save_model(accelerator, model, out_dir / "checkpoint")
+    model = accelerator.unwrap_model(model)  # with FSDP its weights stay shards
     model.eval()
-    if out_dir and accelerator.is_main_process:
-        model.save_pretrained(out_dir / "checkpoint")
     return TrainResult(model, progress.history, train_seconds, progress.step, progress.final_eval)
 
 
@@ -414,15 +416,23 @@ class _Trainer:
 
     def _evaluate(self, data: TaskData, stage: str) -> dict:
         """Held-out metrics. With several processes each evaluates a shard and the per-example
-        results are gathered, so the numbers equal one process's."""
+        results are gathered, so the numbers equal one process's. The shards are padded to the
+        same length: with sharded weights (FSDP) every process must run every forward pass."""
         acc, p = self.accelerator, self.progress
         examples, gather = data.held_out, None
-        if acc.num_processes > 1 and len(examples) >= acc.num_processes:  # no shard left empty
-            with acc.split_between_processes(examples) as shard:
-                examples, gather = shard, gather_object
-        final_eval = evaluate(
-            acc.unwrap_model(self.model), examples, data.task, progress=False, gather=gather
-        )
+        if acc.num_processes > 1:
+            indices = shard_indices(len(examples), acc.process_index, acc.num_processes)
+            examples = [data.held_out[i] for i in indices]
+
+            def gather(records: list[dict]) -> list[dict]:
+                return merge_shards(gather_object(list(zip(indices, records))))
+
+        sharded = weights_sharded(acc)
+        with _root_unsharded(self.model) if sharded else contextlib.nullcontext():
+            final_eval = evaluate(
+                acc.unwrap_model(self.model), examples, data.task,
+                progress=False, gather=gather, synced=sharded,
+            )  # fmt: skip
         primary = final_eval["primary_metric"]
         p.eval_seconds += final_eval["eval_seconds"]
         p.final_eval = final_eval
@@ -519,20 +529,42 @@ def _make_accelerator(cfg: TrainConfig) -> Accelerator:
             f"launched as {launched} processes but accelerate set up a single one "
             f"({accelerator.distributed_type}); check the accelerate config"
         )
+    _check_sharding(accelerator)
     deepspeed = accelerator.state.deepspeed_plugin
-    if accelerator.distributed_type == DistributedType.FSDP or (
-        deepspeed and deepspeed.zero_stage == 3
-    ):
-        # Every forward pass of a sharded model is a collective operation, but evaluation
-        # generates on each process's own shard of examples (different lengths), and the export
-        # reads the weights on the main process alone: they would wait for each other forever.
-        raise KMergeConfigError(
-            "sharded weights (FSDP, DeepSpeed ZeRO-3) are not supported yet; use DDP or "
-            "DeepSpeed ZeRO-2 (docs/distributed.md)"
-        )
     if deepspeed:  # DeepSpeed wants the batch size at the model's prepare(), before any loader
         deepspeed.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.batch_size
     return accelerator
+
+
+def _check_sharding(accelerator: Accelerator) -> None:
+    """Refuse the weight-sharding engines kmerge does not drive: FSDP1 (kmerge gathers the
+    FSDP2 root module's weights for its own code, ``_root_unsharded``) and DeepSpeed ZeRO-3
+    (neither its lockstep generation nor its gathered export is wired up)."""
+    fsdp = accelerator.state.fsdp_plugin if weights_sharded(accelerator) else None
+    if fsdp is not None and fsdp.fsdp_version != 2:
+        raise KMergeConfigError(
+            f"FSDP version {fsdp.fsdp_version} is not supported: set fsdp_version: 2 in the "
+            "accelerate config (examples/accelerate/fsdp.yaml)"
+        )
+    deepspeed = accelerator.state.deepspeed_plugin
+    if deepspeed and deepspeed.zero_stage == 3:
+        raise KMergeConfigError(
+            "DeepSpeed ZeRO-3 is not supported; use FSDP (examples/accelerate/fsdp.yaml) to "
+            "shard the weights, or ZeRO-2 (docs/distributed.md)"
+        )
+
+
+@contextlib.contextmanager
+def _root_unsharded(model: torch.nn.Module) -> Iterator[None]:
+    """Gather the FSDP root module's own weights (embeddings, merge encoder, LM head) for the
+    code that runs outside its forward pass: evaluation prepares batches and generates through
+    the unwrapped model. The decoder layers, wrapped on their own, gather theirs in each of
+    their forward passes, together with the other processes."""
+    model.unshard()
+    try:
+        yield
+    finally:
+        model.reshard()
 
 
 def _gpu_available() -> bool:
