@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/real_tasks.py --output-dir runs/real_tasks
 
 Reads the local copies in ../shared/data (``--data-root``). Budgets are chosen to fit a 2-core
-CPU in about an hour in all; docs/results.md gives the measured table. Finished runs are
+CPU in about 45 minutes in all; docs/results.md gives the measured table. Finished runs are
 kept and skipped on a second invocation (delete ``runs/real_tasks/<task>/k<K>.json`` to redo).
 """
 
@@ -28,7 +28,8 @@ BUDGETS = {
         ),
         data="amazon_reviews",
     ),
-    # Code edits: commits whose old and new file fit in 1,200 characters (86 train, 19 test);
+    # Code edits: commits whose old and new file fit in 1,200 characters (86 train, 19 test;
+    # 48 of the train commits used);
     # loss and perplexity on the whole new file; greedy generation on 4 test commits.
     "commitpackft": dict(
         ks=(1, 2, 4),

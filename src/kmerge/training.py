@@ -277,7 +277,8 @@ class _Trainer:
     def __init__(self, cfg, accelerator, model, optimizer, scheduler, out_dir: Path | None):
         self.cfg, self.accelerator, self.out_dir = cfg, accelerator, out_dir
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
-        self.stages = cfg.curriculum or [cfg.stage]
+        # One pass per curriculum stage; other tasks have one, named after the task in the logs.
+        self.stages = cfg.curriculum or [cfg.stage if cfg.task == "tree" else cfg.task]
         self.tokenizer = accelerator.unwrap_model(model).tokenizer
         self.progress = Progress()
         self.checkpoint: Path | None = None  # the newest one written or resumed from
