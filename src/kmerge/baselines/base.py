@@ -19,11 +19,12 @@ ratio is only ever reported as measured.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from fractions import Fraction
 from typing import TYPE_CHECKING, ClassVar
 
 from kmerge.errors import KMergeConfigError
+from kmerge.registry import Registry
 
 if TYPE_CHECKING:
     from kmerge.modeling import KMergeModel
@@ -112,32 +113,13 @@ class TokenSelector(PromptCompressor):
         raise NotImplementedError(f"selector {self.name!r} does not implement select")
 
 
-BASELINES: dict[str, type[Method]] = {}
-
-
-def register_baseline(name: str) -> Callable[[type[Method]], type[Method]]:
-    """Class decorator: make a Method subclass available to :func:`get_baseline` by name."""
-
-    def decorate(cls: type[Method]) -> type[Method]:
-        if name in BASELINES and BASELINES[name] is not cls:
-            raise KMergeConfigError(f"method name {name!r} is already registered")
-        cls.name = name
-        BASELINES[name] = cls
-        return cls
-
-    return decorate
-
-
-def baseline_class(name: str) -> type[Method]:
-    if name not in BASELINES:
-        known = ", ".join(sorted(BASELINES)) or "(none)"
-        raise KMergeConfigError(f"unknown method {name!r}; known methods: {known}")
-    return BASELINES[name]
+BASELINES = Registry("method", KMergeConfigError)
+register_baseline = BASELINES.register  # class decorator: @register_baseline("name")
 
 
 def get_baseline(name: str, ratio: float | None = None, seed: int = 0, **options) -> Method:
     """Instantiate a registered method at a target ratio (ignored by ratio-less methods)."""
-    return baseline_class(name)(ratio=ratio, seed=seed, **options)
+    return BASELINES.lookup(name)(ratio=ratio, seed=seed, **options)
 
 
 def get_compressor(name: str, ratio: float | None = None, seed: int = 0) -> PromptCompressor:

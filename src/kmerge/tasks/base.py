@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import inspect
 import random
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from kmerge.errors import KMergeDataError
+from kmerge.registry import Registry
 
 SPLITS = ("train", "test")
 
@@ -47,7 +47,8 @@ class Task:
         raise NotImplementedError(f"task {self.name!r} does not implement _examples")
 
 
-TASKS: dict[str, type[Task]] = {}
+TASKS = Registry("task", KMergeDataError)
+register_task = TASKS.register  # class decorator: @register_task("name")
 
 
 def check_split(split: str) -> None:
@@ -55,25 +56,9 @@ def check_split(split: str) -> None:
         raise KMergeDataError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
 
 
-def register_task(name: str) -> Callable[[type[Task]], type[Task]]:
-    """Class decorator: make a Task subclass available to `get_task(name)`."""
-
-    def decorate(cls: type[Task]) -> type[Task]:
-        if name in TASKS and TASKS[name] is not cls:
-            raise KMergeDataError(f"task name {name!r} is already registered")
-        cls.name = name
-        TASKS[name] = cls
-        return cls
-
-    return decorate
-
-
 def get_task(name: str, **kwargs) -> Task:
     """Instantiate a registered task by name."""
-    if name not in TASKS:
-        known = ", ".join(sorted(TASKS)) or "(none)"
-        raise KMergeDataError(f"unknown task {name!r}; known tasks: {known}")
-    cls = TASKS[name]
+    cls = TASKS.lookup(name)
     accepted = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
     unknown = sorted(set(kwargs) - set(accepted))
     if unknown:
