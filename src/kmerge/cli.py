@@ -383,6 +383,7 @@ def cmd_pareto(args: argparse.Namespace) -> None:
         steps=args.steps,
         batch_size=args.batch_size,
         lr=args.lr,
+        warmup_steps=args.warmup_steps,
         eval_every=args.steps,  # held-out evaluation only at the end: the sweep's number
     )
     sweep = SweepConfig(
@@ -482,6 +483,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--steps", type=int, default=300, help="optimizer steps for every point")
     g.add_argument("--batch-size", type=int, default=32)
     g.add_argument("--lr", type=float, default=3e-4)
+    g.add_argument("--warmup-steps", type=int, default=20, help="keep it below --steps")
     g.add_argument("--output-dir", default="runs/pareto", help="points, runs, results, plot")
     p.set_defaults(func=cmd_pareto)
     return parser
