@@ -12,6 +12,7 @@ from kmerge.tasks import Example, KMergeDataError, get_task, load_examples_file
 def load_jsonl_examples(path, **kwargs):
     return load_examples_file(path, **kwargs).examples
 
+
 ROWS = [{"prompt": "2+2=", "answer": "4", "id": 1}, {"prompt": "3+3=", "answer": "6"}]
 
 
