@@ -104,7 +104,8 @@ def fit_prompts(
         budget = max_prompt_tokens - marker
         while True:  # decoding and re-encoding can merge tokens at the seams: re-check
             head, tail = (budget + 1) // 2, budget // 2
-            text = tokenizer.decode(ids[:head]) + ELISION + tokenizer.decode(ids[-tail:])
+            # ids[len(ids) - tail:], not ids[-tail:], which is the whole list when tail is 0
+            text = tokenizer.decode(ids[:head]) + ELISION + tokenizer.decode(ids[len(ids) - tail :])
             if len(tokenizer(text, add_special_tokens=False)["input_ids"]) <= max_prompt_tokens:
                 break
             budget -= 1
