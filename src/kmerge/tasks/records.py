@@ -23,17 +23,24 @@ from kmerge.errors import KMergeDataError
 from kmerge.tasks.base import Example, Task, sample
 
 Row = dict | KMergeDataError
-FILE_FORMATS = ("jsonl", "csv")
+# File formats by name ending (after an optional .gz).
+FILE_SUFFIXES = {"jsonl": (".jsonl", ".json", ".ndjson"), "csv": (".csv",)}
+
+
+def data_format(path: str | Path) -> str | None:
+    """'jsonl' or 'csv' from the file name (optionally .gz); None for other files."""
+    name = Path(path).name.lower().removesuffix(".gz")
+    return next((fmt for fmt, ends in FILE_SUFFIXES.items() if name.endswith(ends)), None)
 
 
 def file_format(path: str | Path) -> str:
-    """'jsonl' or 'csv' from the file name (.jsonl/.json/.csv, optionally .gz)."""
-    name = Path(path).name.lower().removesuffix(".gz")
-    if name.endswith((".jsonl", ".json", ".ndjson")):
-        return "jsonl"
-    if name.endswith(".csv"):
-        return "csv"
-    raise KMergeDataError(f"{path}: unknown file type; expected .jsonl or .csv (optionally .gz)")
+    """Like :func:`data_format`, but an unknown file type is an error."""
+    fmt = data_format(path)
+    if fmt is None:
+        raise KMergeDataError(
+            f"{path}: unknown file type; expected .jsonl or .csv (optionally .gz)"
+        )
+    return fmt
 
 
 def _read_bytes(path: Path) -> bytes:
@@ -260,7 +267,7 @@ class RecordTask(Task):
         found = sorted(
             p
             for p in Path(self.data_dir).iterdir()
-            if split in p.name and p.name.lower().removesuffix(".gz").endswith(_SUFFIXES)
+            if split in p.name and data_format(p) is not None
         )
         if len(found) > 1:
             names = ", ".join(p.name for p in found)
@@ -301,6 +308,3 @@ class RecordTask(Task):
             )
             if in_test == (split == "test"):
                 yield where, row
-
-
-_SUFFIXES = (".jsonl", ".json", ".ndjson", ".csv")
