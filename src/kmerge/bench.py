@@ -45,6 +45,7 @@ from kmerge.encoder import check_k
 from kmerge.errors import KMergeConfigError
 from kmerge.modeling import KMergeConfig, KMergeModel
 from kmerge.models import DEFAULT_MODEL, load_base_model
+from kmerge.reporting import markdown_table
 
 # Common English words; each is one token with its leading space in byte-level BPE vocabularies
 # (synthetic_prompt keeps only those that are, and checks the total).
@@ -573,43 +574,58 @@ def _x(value: float | None, digits: int = 2) -> str:
 
 def format_tables(result: dict) -> str:
     """Markdown tables: prefill per (L, K), training steps, generation."""
-    lines = [
-        "prompt tokens | K | positions | kmerge ms (IQR) | encoder ms | raw@positions ms "
-        "| speedup | limit | of limit | KV MiB | peak MiB | decode tok/s",
-        " | ".join(["---"] * 12),
-    ]
+    header = (
+        "prompt tokens", "K", "positions", "kmerge ms (IQR)", "encoder ms", "raw@positions ms",
+        "speedup", "limit", "of limit", "KV MiB", "peak MiB", "decode tok/s",
+    )  # fmt: skip
+    prefill = []
     for r in result["prefill"]:
         peak = r["peak_memory"]["peak"]
-        lines.append(
-            " | ".join(
-                [
-                    str(r["prompt_tokens"]),
-                    str(r["k"]),
-                    str(r["positions"]),
-                    _ms(r["kmerge_s"]),
-                    f"{r['encoder_s']['median'] * 1e3:.1f}",
-                    _ms(r["raw_s"]),
-                    _x(r["speedup"]),
-                    _x(r["limit_speedup"]),
-                    _x(r["fraction_of_limit"]),
-                    f"{r['kv_cache_bytes'] / 2**20:.2f}",
-                    "-" if peak is None else f"{peak / 2**20:.0f}",
-                    _x(r["decode_tokens_per_s"], 1),
-                ]
-            )
+        prefill.append(
+            [
+                str(r["prompt_tokens"]),
+                str(r["k"]),
+                str(r["positions"]),
+                _ms(r["kmerge_s"]),
+                f"{r['encoder_s']['median'] * 1e3:.1f}",
+                _ms(r["raw_s"]),
+                _x(r["speedup"]),
+                _x(r["limit_speedup"]),
+                _x(r["fraction_of_limit"]),
+                f"{r['kv_cache_bytes'] / 2**20:.2f}",
+                "-" if peak is None else f"{peak / 2**20:.0f}",
+                _x(r["decode_tokens_per_s"], 1),
+            ]
         )
+    lines = [markdown_table(header, prefill)]
     if result.get("train"):
         t = result["train"]
         lines += [
             "",
             f"training step, batch {t['batch_size']} of {t['data']}:",
-            "K | LM head | step ms (IQR) | examples/s | tokens/s | vs K=1 | labels-only gain",
-            " | ".join(["---"] * 7),
-        ]
-        lines += [
-            f"{r['k']} | {r['lm_head']} | {_ms(r['step_s'])} | {r['examples_per_s']:.1f} "
-            f"| {r['tokens_per_s']:.0f} | {_x(r['speedup_vs_k1'])} | {r['labels_head_gain']:.2f}"
-            for r in t["rows"]
+            markdown_table(
+                (
+                    "K",
+                    "LM head",
+                    "step ms (IQR)",
+                    "examples/s",
+                    "tokens/s",
+                    "vs K=1",
+                    "labels-only gain",
+                ),
+                (
+                    [
+                        str(r["k"]),
+                        r["lm_head"],
+                        _ms(r["step_s"]),
+                        f"{r['examples_per_s']:.1f}",
+                        f"{r['tokens_per_s']:.0f}",
+                        _x(r["speedup_vs_k1"]),
+                        f"{r['labels_head_gain']:.2f}",
+                    ]
+                    for r in t["rows"]
+                ),
+            ),  # fmt: skip
         ]
     if result.get("generate"):
         g = result["generate"]

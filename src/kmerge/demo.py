@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from kmerge.modeling import KMergeConfig
+from kmerge.reporting import markdown_table
 from kmerge.training import TrainConfig, train
 
 COLUMNS = ("method", "K", "prompt tokens", "positions fed", "compression", "accuracy", "train s")
@@ -35,22 +36,19 @@ def demo_configs(ks: tuple[int, ...] = (1, 4), **overrides) -> list[TrainConfig]
 
 
 def format_table(rows: list[dict]) -> str:
-    lines = [" | ".join(COLUMNS), " | ".join("---" for _ in COLUMNS)]
-    for r in rows:
-        lines.append(
-            " | ".join(
-                [
-                    r["method"],
-                    str(r["k"]),
-                    f"{r['mean_prompt_tokens']:.1f}",
-                    f"{r['mean_positions_fed']:.1f}",
-                    f"{r['compression']:.2f}x",
-                    f"{100 * r['accuracy']:.1f}%",
-                    f"{r['train_seconds']:.0f}",
-                ]
-            )
-        )
-    return "\n".join(lines)
+    cells = (
+        [
+            r["method"],
+            str(r["k"]),
+            f"{r['mean_prompt_tokens']:.1f}",
+            f"{r['mean_positions_fed']:.1f}",
+            f"{r['compression']:.2f}x",
+            f"{100 * r['accuracy']:.1f}%",
+            f"{r['train_seconds']:.0f}",
+        ]
+        for r in rows
+    )
+    return markdown_table(COLUMNS, cells)
 
 
 def run_demo(

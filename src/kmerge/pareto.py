@@ -33,6 +33,7 @@ from kmerge.baselines import BASELINES, get_baseline
 from kmerge.errors import KMergeConfigError
 from kmerge.evaluation import evaluate
 from kmerge.modeling import CONFIG_FILE, KMergeModel
+from kmerge.reporting import markdown_table
 from kmerge.training import TrainConfig, load_data, train
 
 LOWER_IS_BETTER = frozenset({"perplexity"})
@@ -263,19 +264,23 @@ def write_csv(path: Path, rows: list[dict]) -> None:
 
 def format_table(rows: list[dict], metric: str) -> str:
     """A Markdown table, frontier points starred."""
-    lines = [
-        f"method | target ratio | compression | {metric} | train s | seeds | frontier",
-        "--- | --- | --- | --- | --- | --- | ---",
-    ]
+    header = ["method", "target ratio", "compression", metric, "train s", "seeds", "frontier"]
+    cells = []
     for r in rows:
         spread = f" ± {r['metric_std']:.3f}" if len(r["seeds"]) > 1 else ""
         ratio = "-" if r["target_ratio"] is None else f"{r['target_ratio']:g}"
-        lines.append(
-            f"{r['method']}{'' if r['tuned'] else ' (untuned)'} | {ratio} | "
-            f"{r['compression_mean']:.2f}x | {r['metric_mean']:.3f}{spread} | "
-            f"{r['train_seconds_mean']:.0f} | {len(r['seeds'])} | {'*' if r['on_frontier'] else ''}"
+        cells.append(
+            [
+                f"{r['method']}{'' if r['tuned'] else ' (untuned)'}",
+                ratio,
+                f"{r['compression_mean']:.2f}x",
+                f"{r['metric_mean']:.3f}{spread}",
+                f"{r['train_seconds_mean']:.0f}",
+                str(len(r["seeds"])),
+                "*" if r["on_frontier"] else "",
+            ]
         )
-    return "\n".join(lines)
+    return markdown_table(header, cells)
 
 
 def plot(

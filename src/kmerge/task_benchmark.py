@@ -20,6 +20,7 @@ import torch
 
 from kmerge.metrics import p_lf1, perplexity_performance
 from kmerge.modeling import KMergeConfig
+from kmerge.reporting import markdown_table
 from kmerge.training import TrainConfig, train
 
 METRIC_COLUMNS = ("choice_accuracy", "accuracy", "macro_f1", "perplexity", "edit_similarity")
@@ -66,7 +67,7 @@ def add_reference_p_lf1(rows: list[dict]) -> None:
 def format_table(rows: list[dict]) -> str:
     metrics = [m for m in METRIC_COLUMNS if any(m in r for r in rows)]
     header = ["task", "K", "prompt tokens", "positions fed", "compression", *metrics, "P-LF1"]
-    lines = [" | ".join(header + ["train s"]), " | ".join("---" for _ in range(len(header) + 1))]
+    table = []
     for r in rows:
         cells = [
             r["task"],
@@ -86,8 +87,8 @@ def format_table(rows: list[dict]) -> str:
             )
         cells.append("-" if r.get("p_lf1") is None else f"{r['p_lf1']:.3f}")
         cells.append(f"{r['train_seconds']:.0f}")
-        lines.append(" | ".join(cells))
-    return "\n".join(lines)
+        table.append(cells)
+    return markdown_table([*header, "train s"], table)
 
 
 def write_results(rows: list[dict], output_dir: Path) -> str:
