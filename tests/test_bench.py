@@ -85,7 +85,11 @@ def test_bench_command_end_to_end(tiny_dir, tmp_path, capsys):
     )
     printed = capsys.readouterr().out
     assert "prompt tokens | K | positions" in printed and "re-run per token" in printed
+    # Inference runs merged by default; the K=1 training step (no encoder to train) only works
+    # because the bench unmerges LoRA for training.
+    assert "with LoRA merged into the base weights" in printed
     result = json.loads((out / "bench.json").read_text())
+    assert result["settings"]["merge_lora"] is True
     assert {"machine", "settings", "prefill", "train", "generate"} <= set(result)
     assert result["machine"]["torch"] == torch.__version__
     assert [(r["prompt_tokens"], r["k"]) for r in result["prefill"]] == [

@@ -514,3 +514,33 @@ def test_copy_of_checkpoint_loads(checkpoint, tiny_base, tokenizer, tmp_path):
     moved = shutil.copytree(checkpoint, tmp_path / "elsewhere" / "copy")
     loaded = KMergeModel.from_pretrained(moved, base=tiny_base(), tokenizer=tokenizer)
     assert loaded.k == 4
+
+
+# ------------------------------------------------------------------ merged LoRA (inference)
+def test_merge_lora_keeps_outputs_and_undoes(tiny_model, tmp_path):
+    """Folding LoRA into the base weights changes losses only by float rounding and leaves the
+    greedy tokens as they were; batched still equals one by one; unmerging restores the base
+    weights; the saved adapter is the same whether merged or not."""
+    model = tiny_model(4)
+    randomise_trainables(model, seed=1, std=0.05)
+    base_weights = {n: p.clone() for n, p in model.lm.named_parameters() if "base_layer" in n}
+    with torch.no_grad():
+        before = model(PROMPTS, ANSWERS).example_losses
+        tokens = model.generate_ids(PROMPTS, max_new_tokens=6)
+        assert not model.lora_merged and model.merge_lora() is model and model.lora_merged
+        changed = [n for n, p in model.lm.named_parameters() if n in base_weights
+                   and not torch.equal(p, base_weights[n])]  # fmt: skip
+        assert changed  # the LoRA update really went into the base weights
+        torch.testing.assert_close(model(PROMPTS, ANSWERS).example_losses, before)
+        assert check_batch_equals_single(model, PROMPTS, ANSWERS) == tokens
+        model.merge_lora()  # a second merge is a no-op, not a double update
+        torch.testing.assert_close(model(PROMPTS, ANSWERS).example_losses, before)
+        model.save_pretrained(tmp_path / "merged")
+        model.unmerge_lora()
+    assert not model.lora_merged
+    for name, p in model.lm.named_parameters():
+        if name in base_weights:
+            torch.testing.assert_close(p, base_weights[name], rtol=0, atol=1e-6)
+    model.save_pretrained(tmp_path / "unmerged")
+    for f in ("adapter_model.safetensors", "encoder.safetensors"):
+        assert (tmp_path / "merged" / f).read_bytes() == (tmp_path / "unmerged" / f).read_bytes()

@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 
+from kmerge.errors import KMergeConfigError
 from kmerge.modeling import KMergeConfig, KMergeModel
 from kmerge.training import TrainConfig, make_optimizer, train
 
@@ -52,6 +53,13 @@ def test_train_learns_logs_and_checkpoints(tiny_model, tiny_base, tmp_path):
         model(prompts, answers).loss.item()
     )
     assert not list(tmp_path.glob("run/.checkpoint-*"))  # no temporary directory left behind
+
+
+def test_training_a_merged_lora_is_refused(tiny_model, tmp_path):
+    model = tiny_model(4).merge_lora()
+    with pytest.raises(KMergeConfigError, match="call model.unmerge_lora"):
+        train(small_run(tmp_path), model=model)
+    assert not (tmp_path / "run").exists()  # refused before anything was written
 
 
 def test_curriculum_advances_at_the_gate(tiny_model, tmp_path):

@@ -6,7 +6,9 @@ Four measurements, all on one base model whose LoRA is shared by one KMergeModel
   rotating order within every repetition: kmerge end to end (``prepare``: tokenise, embed,
   merge; then the LM forward on the compressed batch up to the first greedy token), the encoder
   alone (``prepare``), and an untouched copy of the raw base model fed the first ceil(L/K)
-  token ids of the same prompt: the limit kmerge can approach. The raw model at K = 1 is the
+  token ids of the same prompt: the limit kmerge can approach. By default the LoRA update is
+  folded into the base weights for prefill and generation (``KMergeModel.merge_lora``), as
+  ``kmerge eval`` and ``generate`` run it. The raw model at K = 1 is the
   uncompressed baseline every speedup is relative to. Also per point: greedy decode tokens/s
   (continuing from the prefill's KV cache), the prompt's KV-cache bytes, and peak memory
   (RSS on a CPU, sampled in a separate untimed pass; allocated memory on a GPU).
@@ -66,6 +68,7 @@ class BenchConfig:
     decode_tokens: int = 32  # greedy tokens decoded after each kmerge prefill (0: skip)
     device: str = "auto"  # auto: cuda when available
     dtype: str = "auto"  # auto: bfloat16 on cuda, float32 on cpu
+    merge_lora: bool = True  # LoRA folded into the base weights for prefill and generation
     train: bool = True
     train_ks: Sequence[int] = (1, 4)
     train_batch_size: int = 16
@@ -549,13 +552,18 @@ def run_bench(cfg: BenchConfig, base=None, tokenizer=None) -> dict:
     ks = {*cfg.ks, *(cfg.train_ks if cfg.train else ()), *([cfg.generate_k] * cfg.generate)}
     raw_lm = copy.deepcopy(base)  # before from_base injects LoRA into the base in place
     models = build_models(base, tokenizer, sorted(ks))
-    result = {
-        "machine": machine_info(device, dtype),
-        "settings": dataclasses.asdict(cfg),
-        "prefill": bench_prefill(models, raw_lm, cfg, device),
-        "train": bench_train(models, cfg, device) if cfg.train else None,
-        "generate": bench_generate(models[cfg.generate_k], cfg, device) if cfg.generate else None,
-    }
+    shared_lora = next(iter(models.values()))  # merging its LoRA merges every K's (shared)
+    result = {"machine": machine_info(device, dtype), "settings": dataclasses.asdict(cfg)}
+    if cfg.merge_lora:  # inference as kmerge eval / generate run it
+        shared_lora.merge_lora()
+    result["prefill"] = bench_prefill(models, raw_lm, cfg, device)
+    shared_lora.unmerge_lora()  # training needs the LoRA branch
+    result["train"] = bench_train(models, cfg, device) if cfg.train else None
+    if cfg.merge_lora:
+        shared_lora.merge_lora()
+    result["generate"] = (
+        bench_generate(models[cfg.generate_k], cfg, device) if cfg.generate else None
+    )
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -597,7 +605,12 @@ def format_tables(result: dict) -> str:
                 _x(r["decode_tokens_per_s"], 1),
             ]
         )
-    lines = [markdown_table(header, prefill)]
+    merged = result["settings"].get("merge_lora", False)
+    lines = [
+        f"prefill and generation with LoRA {'merged into' if merged else 'beside'} "
+        "the base weights",
+        markdown_table(header, prefill),
+    ]
     if result.get("train"):
         t = result["train"]
         lines += [

@@ -243,6 +243,11 @@ def train(cfg: TrainConfig, model: KMergeModel | None = None) -> TrainResult:
     resume_from = _checkpoint_to_resume(cfg, out_dir)  # before the slow part: fail early
     if model is None:
         model = KMergeModel.from_base(cfg.model.base_model, cfg.model)
+    if model.lora_merged:
+        raise KMergeConfigError(
+            "the model's LoRA is merged into its base weights (merge_lora), so LoRA would get "
+            "no gradient: call model.unmerge_lora() before training"
+        )
     if cfg.gradient_checkpointing:
         # Non-reentrant checkpointing also works when no input requires grad (K=1, frozen
         # encoder): the inputs are embeddings, not token ids.
