@@ -130,3 +130,14 @@ def test_bench_bad_settings(tiny_dir, tmp_path, capsys, args, message):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("kmerge: error: ") and message in err
+
+
+def test_bench_can_measure_lora_unmerged(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "bench"
+    main(
+        ["bench", "--base-model", str(tiny_dir), "--lengths", "12", "--ks", "1,2", "--repeats"]
+        + ["1", "--warmup", "0", "--decode-tokens", "0", "--skip-train", "--skip-generate"]
+        + ["--no-merge-lora", "--output-dir", str(out)]
+    )
+    assert "with LoRA beside the base weights" in capsys.readouterr().out
+    assert json.loads((out / "bench.json").read_text())["settings"]["merge_lora"] is False
