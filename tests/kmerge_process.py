@@ -54,7 +54,11 @@ def records(run_dir: Path, key: str) -> list[dict]:
     """The metrics.jsonl records holding ``key``, without their wall-clock times."""
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     rows = [json.loads(line) for line in lines]
-    return [{k: v for k, v in r.items() if k != "elapsed"} for r in rows if key in r]
+    return [
+        {k: v for k, v in r.items() if k not in ("elapsed", "train_seconds")}
+        for r in rows
+        if key in r
+    ]
 
 
 def trainable_weights(model_dir: Path) -> dict[str, torch.Tensor]:

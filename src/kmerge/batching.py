@@ -8,6 +8,10 @@ left-padded so that batched generation appends new tokens right after every prom
 tokens never enter a block: the partial block of a prompt merges only its real tokens, blocks
 past a prompt's end are dropped, padding positions are masked, and position ids count only
 real positions (0, 1, 2, ...), so each example sees exactly what it would see alone.
+
+Protected tokens (``protected`` flags per prompt token) are never merged: each one is fed as
+its own, ordinary token embedding, and the unprotected runs between them are cut into blocks
+on their own, so a block never straddles a protected token.
 """
 
 from __future__ import annotations
@@ -35,7 +39,8 @@ class CompressedBatch:
     position_ids: torch.Tensor  # [B, T], contiguous over real positions, 0 on padding
     labels: torch.Tensor | None  # [B, T], answer token ids, IGNORE_INDEX elsewhere
     prompt_tokens: list[int]  # tokens in each prompt before merging
-    positions_fed: list[int]  # prompt positions actually fed (blocks + prefix tokens)
+    positions_fed: list[int]  # prompt positions actually fed (blocks + raw + prefix tokens)
+    raw_positions: list[int] | None = None  # of those, protected tokens fed unmerged
 
 
 def tokenize_prompts(tokenizer, prompts: Sequence[str]) -> list[list[int]]:
@@ -108,35 +113,83 @@ def _spans_from_end(begin: int, end: int, k: int) -> list[tuple[int, int]]:
     return [(begin, first)] + [(s, s + k) for s in range(first, end, k)]
 
 
+def prompt_layout(
+    n_tokens: int,
+    k: int,
+    align: BlockAlignment = "start",
+    segment_starts: Sequence[bool] = (),
+    protected: Sequence[bool] = (),
+) -> list[tuple[int, int, bool]]:
+    """``(start, end, raw)`` spans covering ``n_tokens`` in order: every protected token is a
+    raw span of its own; each run of unprotected tokens is cut by :func:`block_spans`."""
+    if protected and len(protected) != n_tokens:
+        raise KMergeDataError(
+            f"protected flags: {len(protected)} flags for a prompt of {n_tokens} tokens"
+        )
+    if not any(protected):
+        return [(a, b, False) for a, b in block_spans(n_tokens, k, align, segment_starts)]
+    out: list[tuple[int, int, bool]] = []
+    t = 0
+    while t < n_tokens:
+        if protected[t]:
+            out.append((t, t + 1, True))
+            t += 1
+            continue
+        end = t
+        while end < n_tokens and not protected[end]:
+            end += 1
+        starts = list(segment_starts[t:end]) if segment_starts else ()
+        out += [(t + a, t + b, False) for a, b in block_spans(end - t, k, align, starts)]
+        t = end
+    return out
+
+
 def make_blocks(
     token_ids: Sequence[Sequence[int]],
     k: int,
     pad_id: int,
     align: BlockAlignment = "start",
     segment_starts: Sequence[Sequence[bool]] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-    """Lay each id list out as blocks (see :func:`block_spans`) in a ``[B, N, K]`` grid.
+    protected: Sequence[Sequence[bool]] | None = None,
+    width: int | None = None,
+    return_raw: bool = False,
+):
+    """Lay each id list out as blocks (see :func:`prompt_layout`) in a ``[B, N, W]`` grid.
 
-    Returns ``block_ids [B, N, K]``, ``block_mask [B, N, K]`` (True = real token; a partial
-    block's real tokens come first) and the number of blocks of each example. Examples with
-    fewer blocks are padded with empty blocks.
+    Returns ``block_ids [B, N, W]``, ``block_mask [B, N, W]`` (True = real token; a partial
+    block's real tokens come first) and the number of blocks of each example, plus with
+    ``return_raw`` a ``[B, N]`` mask of the raw (protected) single-token blocks. Examples with
+    fewer blocks are padded with empty blocks. ``width`` (default ``k``) is the grid's block
+    width: an encoder built for K=4 merges blocks cut at K=2 as partial blocks.
     """
-    spans = [
-        block_spans(len(ids), k, align, segment_starts[i] if segment_starts else ())
+    width = width or k
+    if k > width:
+        raise KMergeDataError(f"blocks of K={k} do not fit an encoder built for K={width}")
+    layouts = [
+        prompt_layout(
+            len(ids),
+            k,
+            align,
+            segment_starts[i] if segment_starts else (),
+            protected[i] if protected else (),
+        )
         for i, ids in enumerate(token_ids)
     ]
-    n_max = max(len(s) for s in spans)
-    block_ids = torch.full((len(token_ids), n_max * k), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(token_ids), n_max * k), dtype=torch.bool)
-    for i, (ids, example_spans) in enumerate(zip(token_ids, spans)):
+    n_max = max(len(s) for s in layouts)
+    block_ids = torch.full((len(token_ids), n_max * width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(token_ids), n_max * width), dtype=torch.bool)
+    raw = torch.zeros((len(token_ids), n_max), dtype=torch.bool)
+    for i, (ids, spans) in enumerate(zip(token_ids, layouts)):
         # The spans cut [0, len(ids)) in order, so token t lands in the t-th slot listed here;
         # one scatter per example instead of one tensor copy per block.
-        slots = [j * k + s for j, (a, b) in enumerate(example_spans) for s in range(b - a)]
+        slots = [j * width + s for j, (a, b, _) in enumerate(spans) for s in range(b - a)]
         slots = torch.tensor(slots, dtype=torch.long)
         block_ids[i, slots] = torch.tensor(list(ids), dtype=torch.long)
         mask[i, slots] = True
-    shape = (len(token_ids), n_max, k)
-    return block_ids.view(shape), mask.view(shape), [len(s) for s in spans]
+        raw[i, : len(spans)] = torch.tensor([r for _, _, r in spans], dtype=torch.bool)
+    shape = (len(token_ids), n_max, width)
+    out = block_ids.view(shape), mask.view(shape), [len(s) for s in layouts]
+    return (*out, raw) if return_raw else out
 
 
 def compress_batch(
@@ -152,6 +205,8 @@ def compress_batch(
     prefix_ids: Sequence[int] = (),
     segment_starts: Sequence[Sequence[bool]] | None = None,
     prompt_tokens: Sequence[int] | None = None,
+    protected: Sequence[Sequence[bool]] | None = None,
+    k: int | None = None,
 ) -> CompressedBatch:
     """Merge each prompt's K-blocks and append the answers as ordinary token embeddings.
 
@@ -166,12 +221,21 @@ def compress_batch(
             attention sink; they count as positions fed.
         prompt_tokens: each prompt's length before a token-level compressor shortened
             ``prompt_ids`` (default: their lengths); measured compression is relative to it.
+        protected: one flag per prompt token; flagged tokens are fed unmerged (their own
+            embedding, exactly) and blocks never straddle them.
+        k: the block size to cut at, at most ``encoder.k`` (default ``encoder.k``); K=1 feeds
+            every token unmerged, exactly the uncompressed prompt.
     """
-    k = encoder.k
+    k = encoder.k if k is None else k
+    if k == 1:  # uncompressed: every token is its own raw position, whatever the encoder
+        protected = [[True] * len(ids) for ids in prompt_ids]
     answer_ids = answer_ids or [[] for _ in prompt_ids]
     if len(answer_ids) != len(prompt_ids):
         raise KMergeDataError(f"{len(prompt_ids)} prompts but {len(answer_ids)} answers")
-    block_ids, block_mask, n_blocks = make_blocks(prompt_ids, k, pad_id, align, segment_starts)
+    block_ids, block_mask, n_blocks, raw = make_blocks(
+        prompt_ids, k, pad_id, align, segment_starts, protected, encoder.k, return_raw=True
+    )
+    raw_positions = raw.sum(dim=1).tolist()
     n_blocks = [n + len(prefix_ids) for n in n_blocks]
     lengths = [n + len(a) for n, a in zip(n_blocks, answer_ids)]
     # Check the context before any model work: nothing is ever truncated silently.
@@ -186,7 +250,13 @@ def compress_batch(
                 )
 
     device = embed.weight.device
-    merged = encoder(embed(block_ids.to(device)), block_mask.to(device))  # [B, N, H]
+    block_embeds = embed(block_ids.to(device))  # [B, N, W, H]
+    if raw.all():
+        merged = block_embeds[:, :, 0]
+    else:
+        merged = encoder(block_embeds, block_mask.to(device))  # [B, N, H]
+        if raw.any():  # protected tokens: their own embedding, exactly
+            merged = torch.where(raw.to(device).unsqueeze(-1), block_embeds[:, :, 0], merged)
     if prefix_ids:
         prefix = embed(torch.as_tensor(list(prefix_ids), dtype=torch.long, device=device))
         merged = torch.cat([prefix.unsqueeze(0).expand(len(n_blocks), -1, -1), merged], dim=1)
@@ -221,4 +291,5 @@ def compress_batch(
         labels=labels if any(answer_ids) else None,
         prompt_tokens=list(prompt_tokens or [len(p) for p in prompt_ids]),
         positions_fed=n_blocks,
+        raw_positions=raw_positions,
     )

@@ -21,7 +21,14 @@ from kmerge.models import DEFAULT_MODEL
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--base-model", default=DEFAULT_MODEL, help="embedded name, hub id or local dir")
-    g.add_argument("-k", "--k", type=int, default=4, help="block size K (1 = uncompressed)")
+    g.add_argument(
+        "-k",
+        "--k",
+        type=int,
+        default=None,
+        help="block size K (1 = uncompressed; default 4). With --checkpoint: merge at this K, at "
+        "most the checkpoint's (for a model trained with --k-choices)",
+    )
     g.add_argument("--lora-r", type=int, default=8)
     g.add_argument("--lora-alpha", type=int, default=16)
     g.add_argument("--lora-dropout", type=float, default=0.0)
@@ -35,6 +42,20 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--encoder-input-norm", action="store_true")
     g.add_argument("--prepend-bos", action="store_true")
+    g.add_argument(
+        "--merge-norm",
+        choices=("mean", "token"),
+        default="mean",
+        help="token: rescale each block mean to its tokens' mean norm",
+    )
+    g = p.add_argument_group("protected spans: prompt tokens fed unmerged (counted as positions)")
+    g.add_argument(
+        "--protect-query",
+        action="store_true",
+        help="keep the task's question as ordinary tokens (the task's query_pattern)",
+    )
+    g.add_argument("--protect-pattern", default=None, help="regular expression; matches stay raw")
+    g.add_argument("--protect-last", type=int, default=0, help="the last N prompt tokens stay raw")
 
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
@@ -122,8 +143,36 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--gate", type=float, default=0.85)
     g.add_argument("--final-gate", type=float, default=0.95)
-    g.add_argument("--n-train", type=int, default=2048)
+    g.add_argument(
+        "--n-train",
+        type=int,
+        default=None,
+        help="training examples (default: the tree task makes a fresh one for every example "
+        "the run uses; file tasks use every row)",
+    )
     g.add_argument("--steps", type=int, default=300, help="optimizer steps (per curriculum stage)")
+    g.add_argument(
+        "--time-budget",
+        type=float,
+        default=None,
+        help="stop after this many seconds of optimisation (evaluation excluded); the LR "
+        "schedule follows the budget",
+    )
+    g.add_argument(
+        "--budget-clock",
+        choices=("wall", "cpu"),
+        default="wall",
+        help="cpu: this process's CPU seconds (fair when runs share the machine)",
+    )
+    g.add_argument("--lr-schedule", choices=("cosine", "constant"), default="cosine")
+    g.add_argument(
+        "--k-choices",
+        default=None,
+        help="comma-separated K values, one drawn per step (each <= --k): one model for all",
+    )
+    g.add_argument(
+        "--init-from", default=None, help="warm start: LoRA (and encoder) of this checkpoint"
+    )
     g.add_argument("--batch-size", type=int, default=32)
     g.add_argument("--grad-accum", type=int, default=1)
     g.add_argument("--lr", type=float, default=3e-4)
@@ -157,11 +206,27 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _model_config(args: argparse.Namespace):
+def _protect_pattern(args: argparse.Namespace, task: str | None) -> str | None:
+    """--protect-pattern, or with --protect-query the task's question pattern."""
+    if not getattr(args, "protect_query", False):
+        return args.protect_pattern
+    if args.protect_pattern:
+        raise KMergeConfigError("give --protect-query or --protect-pattern, not both")
+    from kmerge.tasks.base import TASKS
+
+    pattern = TASKS.lookup(task or "tree").query_pattern
+    if pattern is None:
+        raise KMergeConfigError(
+            f"task {task!r} marks no question for --protect-query; use --protect-pattern REGEX"
+        )
+    return pattern
+
+
+def _model_config(args: argparse.Namespace, task: str | None = None):
     from kmerge.modeling import KMergeConfig
 
     return KMergeConfig(
-        k=args.k,
+        k=4 if args.k is None else args.k,
         base_model=args.base_model,
         lora_r=args.lora_r,
         lora_alpha=args.lora_alpha,
@@ -171,6 +236,9 @@ def _model_config(args: argparse.Namespace):
         block_alignment=args.block_alignment,
         encoder_input_norm=args.encoder_input_norm,
         prepend_bos=args.prepend_bos,
+        merge_norm=args.merge_norm,
+        protect_pattern=_protect_pattern(args, task),
+        protect_last=args.protect_last,
     )
 
 
@@ -179,7 +247,7 @@ def _train_config(args: argparse.Namespace, **extra):
 
     task, options = _task_name_and_options(args)
     return TrainConfig(
-        model=_model_config(args),
+        model=_model_config(args, task),
         task=task,
         task_options=options,
         max_prompt_tokens=args.max_prompt_tokens,
@@ -204,6 +272,11 @@ def _train_config(args: argparse.Namespace, **extra):
         resume=args.resume,
         mixed_precision=args.mixed_precision,
         gradient_checkpointing=args.gradient_checkpointing,
+        time_budget=args.time_budget,
+        budget_clock=args.budget_clock,
+        lr_schedule=args.lr_schedule,
+        k_choices=_numbers(args.k_choices, int, "--k-choices") if args.k_choices else None,
+        init_from=args.init_from,
         **extra,
     )
 
@@ -298,8 +371,11 @@ def _load(args: argparse.Namespace):
 
     if args.checkpoint:
         model = KMergeModel.from_pretrained(args.checkpoint)
+        if args.k is not None:
+            model._check_k(args.k)  # fails now, naming both K, not after loading the data
     else:
-        model = KMergeModel.from_base(args.base_model, _model_config(args))
+        task = _task_name_and_options(args)[0] if hasattr(args, "task") else None
+        model = KMergeModel.from_base(args.base_model, _model_config(args, task))
     return model.merge_lora()  # inference only: one matmul per adapted layer instead of three
 
 
@@ -321,12 +397,12 @@ def cmd_eval(args: argparse.Namespace) -> None:
         max_new_tokens=args.max_new_tokens,
         generate_n=args.generate_n,
         reference_perplexity=args.reference_perplexity,
+        k=args.k if args.checkpoint else None,
     )
     predictions = result.pop("predictions")
     choices = result.pop("choices", None)
     result = {
         "task": f"{name}:{args.stage}" if name == "tree" else name,
-        "k": model.k,
         **result,
         "prompts_cut": prompts_cut,
         "bad_rows_skipped": task.skipped_rows,
@@ -346,7 +422,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
     kwargs = {}
     if args.do_sample:
         kwargs = {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p}
-    for text in model.generate(prompts, max_new_tokens=args.max_new_tokens, **kwargs):
+    k = args.k if args.checkpoint else None
+    for text in model.generate(prompts, max_new_tokens=args.max_new_tokens, k=k, **kwargs):
         print(text)
 
 

@@ -47,6 +47,7 @@ def evaluate(
     progress: bool = True,
     gather: Callable[[list], list] | None = None,
     synced: bool = False,
+    k: int | None = None,
 ) -> dict:
     """Compute ``task.metrics`` (default: exact-match ``accuracy``) on ``examples``.
 
@@ -64,6 +65,8 @@ def evaluate(
     step of all processes: generation keeps stepping until every process is done
     (``synced_gpus``). The shards must then have the same number of examples
     (``shard_indices``).
+
+    ``k``: evaluate at this block size instead of the model's (a model trained with several K).
 
     Returns every metric, ``primary_metric`` (its name), n, mean prompt tokens, mean prompt
     positions fed (measured from the batches), their ratio, length reduction, P-LF1, wall time,
@@ -95,7 +98,7 @@ def evaluate(
             generate = max(0, min(batch_size, n_generate - i))
             _fill_records(
                 model, examples[i : i + batch_size], records[i : i + batch_size],
-                metrics, choices, generate, max_new_tokens, synced,
+                metrics, choices, generate, max_new_tokens, synced, k,
             )  # fmt: skip
     finally:
         model.train(was_training)
@@ -107,6 +110,7 @@ def evaluate(
     result = summarise(records, metrics, choices, reference_perplexity)
     primary = task.primary_metric if task else "accuracy"
     return result | {
+        "k": model.k if k is None else k,
         "primary_metric": primary,
         "p_lf1": _p_lf1(result, primary, reference_perplexity),
         "eval_seconds": wall,
@@ -124,22 +128,23 @@ def _fill_records(
     generate: int,
     max_new_tokens: int | None,
     synced: bool = False,
+    k: int | None = None,
 ) -> None:
     """Run the passes the metrics need on one batch; write each example's results in ``rows``
     (prediction only for the first ``generate`` examples)."""
     prompts = [e.prompt for e in chunk]
     if "perplexity" in metrics:
-        nll, counts = _answer_nll(model, prompts, [e.answer for e in chunk])
+        nll, counts = _answer_nll(model, prompts, [e.answer for e in chunk], k)
         for row, value, count in zip(rows, nll, counts):
             row |= {"nll": value, "answer_tokens": count}
     if set(CHOICE_METRICS) & set(metrics):
-        scores = {c: _answer_nll(model, prompts, [c] * len(chunk))[0] for c in choices}
+        scores = {c: _answer_nll(model, prompts, [c] * len(chunk), k)[0] for c in choices}
         for j, row in enumerate(rows):
             row["choice"] = min(choices, key=lambda c: scores[c][j])
-    batch = model.prepare(prompts, reserve=max_new_tokens or 0)
+    batch = model.prepare(prompts, reserve=max_new_tokens or 0, k=k)
     if generate:
         if generate < len(chunk):
-            batch_to_generate = model.prepare(prompts[:generate], reserve=max_new_tokens)
+            batch_to_generate = model.prepare(prompts[:generate], reserve=max_new_tokens, k=k)
         else:
             batch_to_generate = batch
         ids = model.generate_ids(
@@ -174,10 +179,10 @@ def merge_shards(gathered: list[tuple[int, dict]]) -> list[dict]:
 
 
 def _answer_nll(
-    model: KMergeModel, prompts: list[str], answers: list[str]
+    model: KMergeModel, prompts: list[str], answers: list[str], k: int | None = None
 ) -> tuple[list[float], list[int]]:
     """Per example: the summed negative log-likelihood of its answer tokens, and their count."""
-    out = model.loss(model.prepare(prompts, answers))
+    out = model.loss(model.prepare(prompts, answers, k=k))
     counts = out.answer_tokens.tolist()
     return (out.example_losses * out.answer_tokens).tolist(), counts
 

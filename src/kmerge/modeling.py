@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 import shutil
 import tempfile
 from collections.abc import Sequence
@@ -65,6 +66,13 @@ class KMergeConfig:
     compression_ratio: float | None = None  # its target ratio (None for ratio-less ones)
     compressor_seed: int = 0
     freeze_encoder: bool = False  # keep the encoder at its init, the exact block mean
+    # Rescale each block mean to its tokens' mean norm (the MLP correction comes on top).
+    merge_norm: str = "mean"  # "mean" (the paper's average init) or "token"
+    # Protected spans: prompt tokens fed as ordinary tokens, never merged. A regular
+    # expression (its matches stay raw; tasks offer their question as `query_pattern`), and/or
+    # the last N prompt tokens. Both count as positions fed in the measured compression.
+    protect_pattern: str | None = None
+    protect_last: int = 0
     base_fingerprint: dict = field(default_factory=dict)  # filled in by from_base
 
     def __post_init__(self) -> None:
@@ -76,6 +84,27 @@ class KMergeConfig:
             )
         if self.lora_r < 1:
             raise KMergeConfigError(f"lora_r must be >= 1, got {self.lora_r}")
+        if self.merge_norm not in ("mean", "token"):
+            raise KMergeConfigError(
+                f"merge_norm must be 'mean' or 'token', got {self.merge_norm!r}"
+            )
+        if isinstance(self.protect_last, bool) or not isinstance(self.protect_last, int):
+            raise KMergeConfigError(
+                f"protect_last must be an integer >= 0, got {self.protect_last!r}"
+            )
+        if self.protect_last < 0:
+            raise KMergeConfigError(f"protect_last must be >= 0, got {self.protect_last}")
+        if self.protect_pattern is not None:
+            try:
+                re.compile(self.protect_pattern)
+            except re.error as err:
+                raise KMergeConfigError(
+                    f"protect_pattern {self.protect_pattern!r} is not a regular expression: {err}"
+                ) from None
+        if self.prompt_compressor and (self.protect_pattern or self.protect_last):
+            raise KMergeConfigError(
+                "protected spans and a token-level prompt_compressor cannot be combined"
+            )
         self.make_compressor()  # fails here on an unknown compressor or a bad ratio
 
     def make_compressor(self) -> PromptCompressor | None:
@@ -169,6 +198,7 @@ class KMergeModel(nn.Module):
             config.encoder_hidden_size,
             config.encoder_layers,
             config.encoder_input_norm,
+            config.merge_norm == "token",
         ).to(device=emb.device, dtype=emb.dtype)
 
     # ---------------------------------------------------------------- properties
@@ -197,10 +227,22 @@ class KMergeModel(nn.Module):
 
     # ---------------------------------------------------------------- batching
     def prepare(
-        self, prompts: Sequence[str], answers: Sequence[str] | None = None, reserve: int = 0
+        self,
+        prompts: Sequence[str],
+        answers: Sequence[str] | None = None,
+        reserve: int = 0,
+        *,
+        k: int | None = None,
+        protect: Sequence[Sequence[tuple[int, int]]] | None = None,
     ) -> CompressedBatch:
-        """Tokenise, embed and merge prompts; append answers as ordinary tokens."""
+        """Tokenise, embed and merge prompts; append answers as ordinary tokens.
+
+        ``k``: merge at this block size instead of the config's (1 <= k <= config.k; the
+        encoder merges smaller blocks as partial ones). ``protect``: per prompt, character
+        spans ``(start, end)`` to keep as ordinary tokens, on top of the config's."""
+        k = self._check_k(k)
         prompt_ids = tokenize_prompts(self.tokenizer, prompts)
+        protected = self._protected(prompts, prompt_ids, protect)
         prompt_tokens = [len(ids) for ids in prompt_ids]  # measured before any compression
         if self.compressor is not None:
             prompt_ids = self.compressor.compress(prompt_ids, self)
@@ -221,7 +263,50 @@ class KMergeModel(nn.Module):
             prefix_ids=self._prefix_ids(),
             segment_starts=self._segment_starts(prompt_ids),
             prompt_tokens=prompt_tokens,
+            protected=protected,
+            k=k,
         )
+
+    def _check_k(self, k: int | None) -> int:
+        if k is None:
+            return self.config.k
+        check_k(k)
+        if k > self.config.k:
+            raise KMergeConfigError(
+                f"K={k} is larger than the K={self.config.k} this model's encoder was built for"
+            )
+        return k
+
+    def _protected(
+        self,
+        prompts: Sequence[str],
+        prompt_ids: list[list[int]],
+        spans: Sequence[Sequence[tuple[int, int]]] | None,
+    ) -> list[list[bool]] | None:
+        """Per prompt token: True when it stays an ordinary token (see KMergeConfig)."""
+        pattern, last = self.config.protect_pattern, self.config.protect_last
+        if not (pattern or last or spans):
+            return None
+        if spans is not None and len(spans) != len(prompts):
+            raise KMergeConfigError(f"{len(prompts)} prompts but {len(spans)} protect span lists")
+        if self.compressor is not None:
+            raise KMergeConfigError("protected spans cannot be combined with a prompt_compressor")
+        flags = []
+        for i, (prompt, ids) in enumerate(zip(prompts, prompt_ids)):
+            chars = list(spans[i]) if spans is not None else []
+            if pattern:
+                chars += [m.span() for m in re.finditer(pattern, prompt)]
+            row = [False] * len(ids)
+            if chars:
+                enc = self.tokenizer(prompt, add_special_tokens=False, return_offsets_mapping=True)
+                if enc["input_ids"] != ids:
+                    raise KMergeConfigError("protected spans need a fast tokenizer (offsets)")
+                for t, (a, b) in enumerate(enc["offset_mapping"]):
+                    row[t] = any(a < e and s < max(b, a + 1) for s, e in chars if e > s)
+            for t in range(max(0, len(ids) - last), len(ids)):
+                row[t] = True
+            flags.append(row)
+        return flags
 
     def _segment_starts(self, prompt_ids: list[list[int]]) -> list[list[bool]] | None:
         if self.config.block_alignment != "segments":
@@ -247,9 +332,11 @@ class KMergeModel(nn.Module):
         return [bos]
 
     # ---------------------------------------------------------------- training / scoring
-    def forward(self, prompts: Sequence[str], answers: Sequence[str]) -> KMergeOutput:
+    def forward(
+        self, prompts: Sequence[str], answers: Sequence[str], k: int | None = None
+    ) -> KMergeOutput:
         """Loss over answer tokens only (prompt positions never get logits)."""
-        return self.loss(self.prepare(prompts, answers))
+        return self.loss(self.prepare(prompts, answers, k=k))
 
     def loss(self, batch: CompressedBatch) -> KMergeOutput:
         if batch.labels is None:
@@ -275,14 +362,19 @@ class KMergeModel(nn.Module):
     # ---------------------------------------------------------------- generation
     @torch.no_grad()
     def generate(
-        self, prompts: Sequence[str], max_new_tokens: int = 16, **generation_kwargs
+        self,
+        prompts: Sequence[str],
+        max_new_tokens: int = 16,
+        k: int | None = None,
+        **generation_kwargs,
     ) -> list[str]:
         """Generate continuations of merged prompts (batched, KV-cached) and decode them.
 
-        Extra keyword arguments go to transformers' ``generate`` (``do_sample``,
-        ``temperature``, ``top_p``, ...). Greedy unless told otherwise.
+        ``k`` merges at another block size than the config's (see :meth:`prepare`). Extra
+        keyword arguments go to transformers' ``generate`` (``do_sample``, ``temperature``,
+        ``top_p``, ...). Greedy unless told otherwise.
         """
-        ids = self.generate_ids(prompts, max_new_tokens, **generation_kwargs)
+        ids = self.generate_ids(prompts, max_new_tokens, k=k, **generation_kwargs)
         return [self.tokenizer.decode(row, skip_special_tokens=True).strip() for row in ids]
 
     @torch.no_grad()
@@ -290,6 +382,7 @@ class KMergeModel(nn.Module):
         self,
         prompts: Sequence[str] | CompressedBatch,
         max_new_tokens: int = 16,
+        k: int | None = None,
         **generation_kwargs,
     ) -> list[list[int]]:
         """Like :meth:`generate` but returns the new token ids, cut before the first EOS.
@@ -297,7 +390,7 @@ class KMergeModel(nn.Module):
         batch = (
             prompts
             if isinstance(prompts, CompressedBatch)
-            else self.prepare(prompts, reserve=max_new_tokens)
+            else self.prepare(prompts, reserve=max_new_tokens, k=k)
         )
         was_training = self.training
         self.eval()

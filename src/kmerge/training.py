@@ -18,10 +18,11 @@ import dataclasses
 import json
 import math
 import os
+import random
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,7 +31,6 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
-from transformers import get_cosine_schedule_with_warmup
 
 from kmerge.checkpointing import (
     checkpoints_dir,
@@ -63,7 +63,9 @@ class TrainConfig:
     # Task constructor options, e.g. {"data_dir": ...} or {"train_file": ..., "eval_file": ...}
     task_options: dict = field(default_factory=dict)
     max_prompt_tokens: int | None = None  # longer prompts keep head + tail (fit_prompts)
-    n_train: int = 2048
+    # Training examples. None: a task that generates examples (tree) makes a fresh one for
+    # every example the run consumes (no repeated epochs); file tasks use every row.
+    n_train: int | None = None
     n_eval: int = 128
     steps: int = 300  # optimizer steps (per stage in curriculum mode)
     batch_size: int = 32  # 16 left K=4 at chance on the tree task here: docs/demo.md
@@ -75,6 +77,19 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     eval_every: int = 50
     log_every: int = 10
+    # Stop once the optimisation time (evaluation excluded) reaches time_budget seconds, of
+    # the wall clock or of this process's CPU time ("cpu": fair when runs share the machine).
+    # The learning-rate schedule then follows the budget: cosine over whichever of steps and
+    # time is used up first.
+    time_budget: float | None = None
+    budget_clock: str = "wall"
+    lr_schedule: str = "cosine"  # or "constant" (after the linear warm-up)
+    # Several K in one model: each optimizer step merges at a K drawn from k_choices (all <=
+    # model.k); the checkpoint then serves each of them (evaluate(..., k=), kmerge eval --k).
+    k_choices: list[int] | None = None
+    # Warm start: the LoRA (and, when its shapes match, the encoder) of this kmerge checkpoint,
+    # e.g. a finished K=1 run, instead of fresh adapters.
+    init_from: str | None = None
     seed: int = 0
     output_dir: str | None = None
     progress: bool = True
@@ -95,6 +110,29 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise KMergeConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.n_train is not None and self.n_train < 1:
+            raise KMergeConfigError(f"n_train must be >= 1, got {self.n_train}")
+        for name in ("lr", "encoder_lr", "time_budget"):
+            value = getattr(self, name)
+            if value is not None and not (value > 0 and math.isfinite(value)):
+                raise KMergeConfigError(f"{name} must be a positive number, got {value}")
+        if self.budget_clock not in ("wall", "cpu"):
+            raise KMergeConfigError(
+                f"budget_clock must be 'wall' or 'cpu', got {self.budget_clock!r}"
+            )
+        if self.lr_schedule not in ("cosine", "constant"):
+            raise KMergeConfigError(
+                f"lr_schedule must be 'cosine' or 'constant', got {self.lr_schedule!r}"
+            )
+        if self.k_choices is not None:
+            if not self.k_choices:
+                raise KMergeConfigError("k_choices must list at least one K")
+            for k in self.k_choices:
+                if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= self.model.k:
+                    raise KMergeConfigError(
+                        f"k_choices: every K must be an integer in 1..{self.model.k} (the "
+                        f"model's K), got {k!r}"
+                    )
         if self.save_every < 0:
             raise KMergeConfigError(f"save_every must be >= 0, got {self.save_every}")
         if (self.save_every or self.resume) and not self.output_dir:
@@ -144,11 +182,18 @@ class TaskData:
         }
 
 
-def load_data(cfg: TrainConfig, tokenizer, stage: str | None = None) -> TaskData:
+def load_data(
+    cfg: TrainConfig, tokenizer, stage: str | None = None, processes: int = 1
+) -> TaskData:
     """Training and held-out examples for a run (or one curriculum stage)."""
-    task = build_task(cfg.task, cfg.seed, stage or cfg.stage, cfg.n_eval, cfg.n_train,
+    n_train = cfg.n_train
+    if n_train is None:  # fresh examples, as many as the stage can consume, if the task can
+        n_train = cfg.steps * cfg.batch_size * cfg.grad_accum * processes
+    task = build_task(cfg.task, cfg.seed, stage or cfg.stage, cfg.n_eval, n_train,
                       cfg.task_options)  # fmt: skip
-    train = task.examples("train", cfg.n_train)
+    if cfg.n_train is None and not task.generates_examples:
+        n_train = None  # every row of the task's training data
+    train = task.examples("train", n_train)
     if isinstance(task, FileTask) and task.files["test"] is None:
         held_out = []  # user data without an eval file: train only, no evaluation
     else:
@@ -222,6 +267,7 @@ class Progress:
     window: list[float] = field(default_factory=list)  # losses since the last log record
     elapsed: float = 0.0  # wall seconds up to the last checkpoint, evaluation included
     eval_seconds: float = 0.0
+    train_seconds: float = 0.0  # optimisation only, on the budget's clock (wall or cpu)
     final_eval: dict | None = None
     history: list[dict] = field(default_factory=list)
 
@@ -257,9 +303,13 @@ def train(cfg: TrainConfig, model: KMergeModel | None = None) -> TrainResult:
     if out_dir and accelerator.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+    if cfg.init_from:
+        warm_start(model, cfg.init_from)
     optimizer = make_optimizer(model, cfg)
     total_steps = cfg.steps * len(cfg.curriculum or [cfg.stage])
-    scheduler = get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps, total_steps)
+    trainer: _Trainer | None = None
+    factor = _lr_factor(cfg, total_steps, lambda: trainer.progress if trainer else Progress())
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     store_model_as_adapter(accelerator)
     trainer = _Trainer(cfg, accelerator, model, optimizer, scheduler, out_dir)
@@ -267,13 +317,76 @@ def train(cfg: TrainConfig, model: KMergeModel | None = None) -> TrainResult:
         trainer.resume(resume_from)
     trainer.run()
     progress = trainer.progress
-    train_seconds = trainer.elapsed() - progress.eval_seconds  # optimisation time only
+    train_seconds = progress.train_seconds  # optimisation time only
     accelerator.wait_for_everyone()
     if out_dir:
         save_model(accelerator, model, out_dir / "checkpoint")
     model = accelerator.unwrap_model(model)  # with FSDP its weights stay shards
     model.eval()
     return TrainResult(model, progress.history, train_seconds, progress.step, progress.final_eval)
+
+
+def warm_start(model: KMergeModel, checkpoint: str | Path) -> None:
+    """Load the LoRA weights (and the encoder when its shapes match) of a saved kmerge model
+    into ``model``: e.g. start K=4 from a finished K=1 run. Shapes must agree exactly."""
+    from safetensors.torch import load_file
+
+    from kmerge.modeling import ADAPTER_FILES, ENCODER_FILE
+
+    directory = Path(checkpoint)
+    adapter_file = directory / ADAPTER_FILES[1]
+    if not adapter_file.is_file():
+        raise KMergeConfigError(f"init_from: {directory} has no {ADAPTER_FILES[1]}")
+    try:
+        saved = load_file(adapter_file)
+    except Exception as err:  # a truncated or foreign file
+        raise KMergeConfigError(f"init_from: cannot read {adapter_file}: {err}") from None
+    # peft saves "…lora_A.weight"; the live module holds "…lora_A.default.weight".
+    own = {
+        name.replace(".default", ""): param
+        for name, param in model.peft_model.named_parameters()
+        if "lora_" in name
+    }
+    missing = sorted(set(own) - set(saved))
+    if missing or any(saved[n].shape != p.shape for n, p in own.items()):
+        raise KMergeConfigError(
+            f"init_from: the LoRA in {directory} does not match this model's (rank, target "
+            f"modules or base model differ; first missing: {missing[:1]})"
+        )
+    with torch.no_grad():
+        for name, param in own.items():
+            param.copy_(saved[name].to(param.dtype))
+        encoder_file = directory / ENCODER_FILE
+        if encoder_file.is_file():
+            encoder_state = load_file(encoder_file)
+            own_encoder = model.encoder.state_dict()
+            if encoder_state and {k: v.shape for k, v in encoder_state.items()} == {
+                k: v.shape for k, v in own_encoder.items()
+            }:
+                model.encoder.load_state_dict(encoder_state)
+
+
+def _lr_factor(cfg: TrainConfig, total_steps: int, progress: Callable[[], Progress]):
+    """Learning-rate factor per step: linear warm-up, then cosine decay (or constant) over the
+    run's progress, the larger of steps done / steps and, with a time budget, time used /
+    budget. A closure, not an object: LambdaLR saves objects' attributes in checkpoints."""
+
+    def factor(step: int) -> float:
+        warmup = cfg.warmup_steps
+        if step < warmup:
+            return step / max(1, warmup)
+        if cfg.lr_schedule == "constant":
+            return 1.0
+        done = (step - warmup) / max(1, total_steps - warmup)
+        if cfg.time_budget:
+            done = max(done, progress().train_seconds / cfg.time_budget)
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * min(1.0, done))))
+
+    return factor
+
+
+def _clock(kind: str) -> float:
+    return time.process_time() if kind == "cpu" else time.perf_counter()
 
 
 class _Trainer:
@@ -326,18 +439,22 @@ class _Trainer:
     def _train_stage(self) -> None:
         cfg, p = self.cfg, self.progress
         stage = self.stages[p.stage_index]
-        data = load_data(cfg, self.tokenizer, stage if cfg.curriculum else None)
+        data = load_data(
+            cfg, self.tokenizer, stage if cfg.curriculum else None, self.accelerator.num_processes
+        )
         if p.stage_step == 0:  # not when resuming inside the stage: logged already
             self.log({"step": p.step, "stage": stage, "data": data.report()})
         gate = cfg.final_gate if p.stage_index == len(self.stages) - 1 else cfg.gate
         batches = self._batches(data.train)
         self.model.train()
         while True:
+            started = _clock(cfg.budget_clock)
             loss = self._optimizer_step(batches, stage)
+            p.train_seconds += _clock(cfg.budget_clock) - started
             p.step, p.stage_step = p.step + 1, p.stage_step + 1
             self.bar.update(1)
             self._log_loss(stage, loss)
-            done = p.stage_step == cfg.steps
+            done = p.stage_step == cfg.steps or self._out_of_time()
             if data.held_out and (p.step % cfg.eval_every == 0 or done):
                 result = self._evaluate(data, stage)
                 done = done or bool(cfg.curriculum) and result[result["primary_metric"]] >= gate
@@ -346,6 +463,24 @@ class _Trainer:
             self._checkpoint_if_due()
             if done:
                 return
+
+    def _out_of_time(self) -> bool:
+        """The time budget is used up (agreed on by all processes, so they stop together)."""
+        budget = self.cfg.time_budget
+        if not budget:
+            return False
+        spent = torch.tensor([self.progress.train_seconds], device=self.accelerator.device)
+        if self.accelerator.num_processes > 1:
+            spent = self.accelerator.gather(spent)
+        return bool(spent.max() >= budget)
+
+    def _step_k(self) -> int | None:
+        """The K of this optimizer step: drawn from k_choices (seeded by the step, so a resumed
+        run draws the same), else the model's."""
+        choices = self.cfg.k_choices
+        if not choices:
+            return None
+        return random.Random(f"{self.cfg.seed}-k-{self.progress.step}").choice(choices)
 
     def _batches(self, examples: list[Example]) -> Iterator[list[Example]]:
         """This stage's batches, epoch after epoch. The data position is kept in ``progress``
@@ -380,10 +515,12 @@ class _Trainer:
         the micro-batches and the processes (what one process with the whole batch logs)."""
         acc, cfg = self.accelerator, self.cfg
         step_loss = 0.0
+        k = self._step_k()
         for _ in range(cfg.grad_accum):
             batch = next(batches)
             with acc.accumulate(self.model):
-                out = self.model([e.prompt for e in batch], [e.answer for e in batch])
+                prompts, answers = [e.prompt for e in batch], [e.answer for e in batch]
+                out = self.model(prompts, answers, **({"k": k} if k else {}))
                 loss = acc.reduce(out.loss.detach(), "mean").item()  # the same on every process
                 if not math.isfinite(loss):  # before the update: the weights stay good
                     raise NonFiniteLossError(self._non_finite_message(loss, stage))
@@ -415,8 +552,11 @@ class _Trainer:
             avg = sum(p.window) / len(p.window)
             lr = self.scheduler.get_last_lr()[0]
             self.log(
-                {"step": p.step, "stage": stage, "loss": avg, "lr": lr, "elapsed": self.elapsed()}
-            )
+                {
+                    "step": p.step, "stage": stage, "loss": avg, "lr": lr,
+                    "elapsed": self.elapsed(), "train_seconds": p.train_seconds,
+                }
+            )  # fmt: skip
             self.bar.set_postfix(loss=f"{avg:.3f}", stage=stage)
             p.window = []
 
@@ -453,6 +593,7 @@ class _Trainer:
                     if isinstance(value, float) and name != "eval_seconds"
                 },
                 "elapsed": self.elapsed(),
+                "train_seconds": p.train_seconds,
             }
         )
         if acc.is_main_process:

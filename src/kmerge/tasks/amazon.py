@@ -25,6 +25,7 @@ def review_label(rating: float) -> str:
 @register_task("amazon_reviews")
 class AmazonReviewsTask(RecordTask):
     answer_choices = ("negative", "positive")
+    query_pattern = r", Label:$"
     metrics = ("choice_accuracy", "accuracy", "macro_f1")
     primary_metric = "choice_accuracy"
     split_key = "parent_asin"  # hub rows; local rows use "asin" (see convert/_cut)

@@ -38,6 +38,11 @@ class Task:
     # How many examples evaluation generates for (None: all); generation is the slow part.
     generate_n: int | None = None
     skipped_rows: int = 0  # bad rows skipped while loading (skip_bad_rows)
+    # The question part of the task's prompts, as a regular expression: what `protect_query`
+    # keeps as ordinary tokens (KMergeConfig.protect_pattern). None: the task has none.
+    query_pattern: str | None = None
+    # The task can make as many fresh training examples as a run consumes (n_train=None).
+    generates_examples: bool = False
 
     def examples(self, split: str, n: int | None = None) -> list[Example]:
         check_split(split)

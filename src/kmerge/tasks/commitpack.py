@@ -26,6 +26,7 @@ PROMPT = (
 @register_task("commitpackft")
 class CommitPackFTTask(RecordTask):
     metrics = ("perplexity", "accuracy", "edit_similarity")
+    query_pattern = r"\nInstructions: [^\n]*\nNew Content:$"
     primary_metric = "perplexity"
     generate_n = 8
     split_key = "commit"

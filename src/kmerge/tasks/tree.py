@@ -209,6 +209,8 @@ class TreeTask(Task):
     """The Textualized Tree parent/child task at one curriculum stage."""
 
     answer_choices = ("true", "false")
+    query_pattern = r"Parent: \S+, Child: \S+, Answer:$"
+    generates_examples = True
 
     def __init__(
         self,

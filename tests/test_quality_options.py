@@ -1,0 +1,273 @@
+"""The options of the quality work (docs/quality.md): protected spans, merging at another K,
+norm-matched merges, fresh tree streams, time budgets, several K in one model, warm starts."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from kmerge.batching import prompt_layout
+from kmerge.errors import KMergeConfigError, KMergeDataError
+from kmerge.evaluation import evaluate
+from kmerge.modeling import KMergeConfig, KMergeModel
+from kmerge.tasks import get_task
+from kmerge.tasks.tree import TreeTask, make_tree_examples
+from kmerge.training import TrainConfig, load_data, train
+from tests.conftest import randomise_trainables
+from tests.test_modeling import PROMPTS, answers_for, check_batch_equals_single, ragged_prompts
+
+TREE_PROMPTS = [e.prompt for e in make_tree_examples("small", 6, 0, "test")]
+
+
+# ------------------------------------------------------------------ protected spans
+@pytest.mark.parametrize(
+    "n, k, align, protected, expected",
+    [
+        (6, 4, "start", "000000", [(0, 4, False), (4, 6, False)]),
+        (6, 4, "start", "001000", [(0, 2, False), (2, 3, True), (3, 6, False)]),
+        (
+            6,
+            2,
+            "end",
+            "100011",
+            [(0, 1, True), (1, 2, False), (2, 4, False), (4, 5, True), (5, 6, True)],
+        ),  # fmt: skip
+        (3, 4, "start", "111", [(0, 1, True), (1, 2, True), (2, 3, True)]),
+    ],
+)
+def test_prompt_layout_by_hand(n, k, align, protected, expected):
+    assert prompt_layout(n, k, align, (), [c == "1" for c in protected]) == expected
+
+
+def test_prompt_layout_segments_inside_runs():
+    starts = [False, False, True, False, False, False]
+    protected = [False, False, False, True, False, False]
+    # The run [0, 3) is cut at the segment start 2; the run [4, 6) is one block.
+    assert prompt_layout(6, 4, "segments", starts, protected) == [
+        (0, 2, False), (2, 3, False), (3, 4, True), (4, 6, False),
+    ]  # fmt: skip
+
+
+def test_prompt_layout_refuses_wrong_flag_count():
+    with pytest.raises(KMergeDataError, match="3 flags for a prompt of 4 tokens"):
+        prompt_layout(4, 2, "start", (), [True, False, False])
+
+
+def test_protect_query_keeps_the_question_tokens_exactly(tiny_model, tokenizer):
+    model = tiny_model(4, protect_pattern=TreeTask.query_pattern)
+    randomise_trainables(model, seed=3)  # the encoder's MLP is active: merges are not means
+    prompt = TREE_PROMPTS[0]
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    query = prompt[prompt.index("Parent: ") :]
+    n_query = len(tokenizer(" " + query, add_special_tokens=False)["input_ids"])
+    with torch.no_grad():
+        batch = model.prepare([prompt])
+        raw = model.lm.get_input_embeddings()(torch.tensor(ids[-n_query:]))
+    assert batch.raw_positions == [n_query]
+    n_merged = -(-(len(ids) - n_query) // 4)
+    assert batch.positions_fed == [n_merged + n_query]
+    torch.testing.assert_close(batch.inputs_embeds[0, -n_query:], raw, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("align", ["start", "end", "segments"])
+def test_protected_batch_equals_single(tiny_model, tokenizer, align):
+    model = tiny_model(4, block_alignment=align, protect_pattern=r"[,:]", protect_last=2)
+    randomise_trainables(model, seed=7)
+    prompts = ragged_prompts(tokenizer, 4) + TREE_PROMPTS[:2]
+    check_batch_equals_single(model, prompts, answers_for(prompts))
+
+
+def test_per_call_protect_spans(tiny_model, tokenizer):
+    model = tiny_model(4)
+    prompt = "one two three four five six seven eight"
+    start = prompt.index("five")
+    plain = model.prepare([prompt])
+    spans = model.prepare([prompt], protect=[[(start, start + 4)]])
+    assert spans.raw_positions == [1] and plain.raw_positions == [0]
+    assert spans.positions_fed[0] == plain.positions_fed[0] + 1
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"protect_pattern": "("}, "not a regular expression"),
+        ({"protect_last": -1}, "protect_last must be >= 0"),
+        ({"merge_norm": "l2"}, "merge_norm must be"),
+        (
+            {"protect_last": 2, "prompt_compressor": "random_drop", "compression_ratio": 2.0},
+            "cannot be combined",
+        ),  # fmt: skip
+    ],
+)
+def test_bad_quality_options(kwargs, message):
+    with pytest.raises(KMergeConfigError, match=message):
+        KMergeConfig(k=4, **kwargs)
+
+
+# ------------------------------------------------------------------ merging at another K
+def test_k1_on_a_k4_model_feeds_the_plain_tokens(tiny_model, tiny_base, tokenizer):
+    model = tiny_model(4)
+    randomise_trainables(model, seed=1)
+    model.peft_model.disable_adapter_layers()
+    base = tiny_base()
+    prompt, answer = PROMPTS[0], " yes"
+    ids = tokenizer(prompt + answer, add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        batch = model.prepare([prompt], [answer.strip()], k=1)
+        n = batch.positions_fed[0]
+        embeds = base.get_input_embeddings()(torch.tensor(ids[:n]))
+    assert n == len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    torch.testing.assert_close(batch.inputs_embeds[0, :n], embeds, rtol=0, atol=0)
+
+
+def test_smaller_k_merges_partial_blocks(tiny_model):
+    """At average init a K=4 encoder merging at K=2 gives exactly what a K=2 model gives."""
+    k4, k2 = tiny_model(4), tiny_model(2)
+    with torch.no_grad():
+        a = k4.prepare(PROMPTS, k=2)
+        b = k2.prepare(PROMPTS)
+    assert a.positions_fed == b.positions_fed
+    torch.testing.assert_close(a.inputs_embeds, b.inputs_embeds, rtol=1e-6, atol=1e-6)
+
+
+def test_k_above_the_encoder_is_refused(tiny_model):
+    with pytest.raises(KMergeConfigError, match="K=8 is larger than the K=4"):
+        tiny_model(4).prepare(PROMPTS, k=8)
+
+
+# ------------------------------------------------------------------ norm-matched merges
+def test_token_norm_merge_keeps_direction_and_token_norm(tiny_model, tokenizer):
+    model = tiny_model(4, merge_norm="token")
+    prompt = "alpha beta gamma delta"
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"][:4]
+    prompt = tokenizer.decode(ids)
+    with torch.no_grad():
+        tokens = model.lm.get_input_embeddings()(torch.tensor(ids))
+        merged = model.prepare([prompt]).inputs_embeds[0, 0]
+    mean = tokens.mean(dim=0)
+    assert merged.norm().item() == pytest.approx(tokens.norm(dim=-1).mean().item(), rel=1e-5)
+    cosine = torch.nn.functional.cosine_similarity(merged, mean, dim=0).item()
+    assert cosine == pytest.approx(1.0, abs=1e-5)
+    assert merged.norm() > mean.norm() * 1.05  # a mean of different tokens is shorter
+
+
+# ------------------------------------------------------------------ fresh tree stream
+def test_fresh_tree_stream_is_deterministic_and_never_yields_a_test_tree(tokenizer):
+    cfg = TrainConfig(model=KMergeConfig(k=4), stage="small", steps=40, batch_size=8, n_eval=64)
+    assert cfg.n_train is None
+    data = load_data(cfg, tokenizer)
+    again = load_data(cfg, tokenizer)
+    assert len(data.train) == 40 * 8  # one fresh example for every example the run consumes
+    assert data.train == again.train and data.held_out == again.held_out
+    other_seed = load_data(TrainConfig(**{**cfg.to_dict(), "seed": 1}), tokenizer)
+    assert other_seed.train != data.train
+    train_trees = {e.meta["tree"] for e in data.train}
+    assert not train_trees & {e.meta["tree"] for e in data.held_out}
+    # fresh trees, not a few repeated ones: a `small` tree gives at most 4 questions
+    assert len(train_trees) >= len(data.train) // 4
+
+
+def test_file_tasks_use_every_row_by_default(tokenizer, tmp_path):
+    rows = [{"prompt": f"Review {i}: fine, Label:", "answer": "positive"} for i in range(7)]
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = TrainConfig(task="jsonl", task_options={"train_file": str(path)}, steps=100)
+    assert len(load_data(cfg, tokenizer).train) == 7
+
+
+# ------------------------------------------------------------------ training options
+def small_run(tmp_path, **overrides) -> TrainConfig:
+    cfg = dict(
+        model=KMergeConfig(k=4),
+        stage="small",
+        n_eval=8,
+        steps=6,
+        batch_size=4,
+        eval_every=100,
+        log_every=1,
+        warmup_steps=1,
+        progress=False,
+        output_dir=str(tmp_path / "run"),
+    )
+    cfg.update(overrides)
+    return TrainConfig(**cfg)
+
+
+@pytest.mark.parametrize("clock", ["wall", "cpu"])
+def test_time_budget_stops_the_run_and_shapes_the_schedule(tiny_model, tmp_path, clock):
+    result = train(
+        small_run(tmp_path, steps=10_000, time_budget=0.5, budget_clock=clock), tiny_model(4)
+    )
+    assert 1 <= result.steps < 10_000
+    assert 0.5 <= result.train_seconds < 30
+    losses = [r for r in result.history if "loss" in r]
+    assert losses[-1]["lr"] < 0.2 * losses[1]["lr"]  # cosine over the budget: near its end
+    assert result.final_eval is not None  # the stop still evaluates
+
+
+def test_constant_schedule_keeps_the_lr(tiny_model, tmp_path):
+    result = train(small_run(tmp_path, lr_schedule="constant", lr=1e-3), tiny_model(4))
+    lrs = [r["lr"] for r in result.history if "lr" in r]
+    assert lrs[1:] == [pytest.approx(1e-3)] * (len(lrs) - 1)
+
+
+def test_several_k_trains_each_k_and_evaluates_at_each(tiny_model, tmp_path):
+    model = tiny_model(4)
+    seen = []
+    forward = model.forward
+
+    def spy(prompts, answers, k=None):
+        seen.append(k)
+        return forward(prompts, answers, k=k)
+
+    model.forward = spy
+    train(small_run(tmp_path, steps=12, k_choices=[1, 2, 4]), model)
+    assert set(seen) == {1, 2, 4}
+    reloaded = KMergeModel.from_pretrained(
+        tmp_path / "run" / "checkpoint", base=model.lm, tokenizer=model.tokenizer
+    )
+    task = get_task("tree", stage="small", n_test=8)
+    examples = task.examples("test")
+    fed = {k: evaluate(reloaded, examples, task, k=k, progress=False) for k in (1, 2, 4)}
+    assert fed[1]["k"] == 1 and fed[1]["compression"] == pytest.approx(1.0)
+    assert fed[1]["compression"] < fed[2]["compression"] < fed[4]["compression"]
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"lr": -1.0}, "lr must be a positive number"),
+        ({"encoder_lr": 0.0}, "encoder_lr must be a positive number"),
+        ({"time_budget": float("nan")}, "time_budget must be a positive number"),
+        ({"k_choices": [1, 8]}, r"every K must be an integer in 1..4"),
+        ({"budget_clock": "gpu"}, "budget_clock must be"),
+        ({"n_train": 0}, "n_train must be >= 1"),
+    ],
+)
+def test_bad_training_options(overrides, message):
+    with pytest.raises(KMergeConfigError, match=message):
+        TrainConfig(model=KMergeConfig(k=4), **overrides)
+
+
+def lora_tensors(model: KMergeModel) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.peft_model.named_parameters() if "lora_" in n}
+
+
+def test_warm_start_loads_exactly_the_k1_lora(tiny_model, tmp_path):
+    teacher = tiny_model(1)
+    randomise_trainables(teacher, seed=5)
+    teacher.save_pretrained(tmp_path / "k1")
+    student = tiny_model(4)
+    result = train(small_run(tmp_path, steps=1, lr=1e-9, init_from=str(tmp_path / "k1")), student)
+    expected, got = lora_tensors(teacher), lora_tensors(result.model)
+    assert expected.keys() == got.keys()
+    for name in expected:  # lr 1e-9 and the warm-up's zero first step: no update at all
+        torch.testing.assert_close(got[name], expected[name], rtol=0, atol=1e-7)
+
+
+def test_warm_start_refuses_another_lora_rank(tiny_model, tmp_path):
+    tiny_model(1, lora_r=4).save_pretrained(tmp_path / "k1")
+    with pytest.raises(KMergeConfigError, match="does not match this model's"):
+        train(small_run(tmp_path, init_from=str(tmp_path / "k1")), tiny_model(4))
