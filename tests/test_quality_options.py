@@ -271,3 +271,44 @@ def test_warm_start_refuses_another_lora_rank(tiny_model, tmp_path):
     tiny_model(1, lora_r=4).save_pretrained(tmp_path / "k1")
     with pytest.raises(KMergeConfigError, match="does not match this model's"):
         train(small_run(tmp_path, init_from=str(tmp_path / "k1")), tiny_model(4))
+
+
+# ------------------------------------------------------------------ distillation
+@pytest.mark.parametrize("teacher", ["checkpoint", "base"])
+def test_distillation_is_zero_when_student_is_the_teacher_at_k1(
+    tiny_model, tiny_base, tokenizer, tmp_path, teacher
+):
+    from kmerge.distillation import Distiller
+
+    student = tiny_model(1)
+    if teacher == "checkpoint":
+        randomise_trainables(student, seed=2)
+        student.save_pretrained(tmp_path / "k1")
+        source = KMergeModel.from_pretrained(tmp_path / "k1", base=tiny_base(), tokenizer=tokenizer)
+    else:
+        source = "base"  # a fresh LoRA is exactly zero: the student is the base model
+    prompts = TREE_PROMPTS[:3]
+    answers = ["true", "false", "true"]
+    result = Distiller(student, source, kl_weight=2.0, hidden_weight=1.0)(student, prompts, answers)
+    assert result.kl == pytest.approx(0.0, abs=1e-5)
+    assert result.hidden == pytest.approx(0.0, abs=1e-4)
+    torch.testing.assert_close(result.loss, result.output.loss, rtol=0, atol=1e-4)
+
+
+def test_distillation_penalises_a_compressed_student(tiny_model):
+    from kmerge.distillation import Distiller
+
+    student = tiny_model(4)
+    randomise_trainables(student, seed=4)
+    result = Distiller(student, "base", kl_weight=1.0, hidden_weight=1.0)(
+        student, TREE_PROMPTS[:3], ["true", "false", "true"]
+    )
+    assert result.kl > 1e-4 and result.hidden > 1e-3
+    result.loss.backward()  # the distillation terms reach the student's trainables
+    assert student.encoder.mlp[-1].weight.grad.abs().sum() > 0
+
+
+def test_training_with_a_teacher_logs_its_cost(tiny_model, tmp_path):
+    result = train(small_run(tmp_path, teacher="base", distill_hidden_weight=1.0), tiny_model(4))
+    logged = [r for r in result.history if "loss" in r]
+    assert len(logged) == 6 and all(r["teacher_seconds"] > 0 for r in logged)

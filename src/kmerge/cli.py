@@ -173,6 +173,11 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--init-from", default=None, help="warm start: LoRA (and encoder) of this checkpoint"
     )
+    g = p.add_argument_group("distillation from an uncompressed teacher (kmerge.distillation)")
+    g.add_argument("--teacher", default=None, help='a K=1 checkpoint, or "base" (adapters off)')
+    g.add_argument("--distill-kl-weight", type=float, default=2.0)
+    g.add_argument("--distill-temperature", type=float, default=1.0)
+    g.add_argument("--distill-hidden-weight", type=float, default=0.0)
     g.add_argument("--batch-size", type=int, default=32)
     g.add_argument("--grad-accum", type=int, default=1)
     g.add_argument("--lr", type=float, default=3e-4)
@@ -277,6 +282,10 @@ def _train_config(args: argparse.Namespace, **extra):
         lr_schedule=args.lr_schedule,
         k_choices=_numbers(args.k_choices, int, "--k-choices") if args.k_choices else None,
         init_from=args.init_from,
+        teacher=args.teacher,
+        distill_kl_weight=args.distill_kl_weight,
+        distill_temperature=args.distill_temperature,
+        distill_hidden_weight=args.distill_hidden_weight,
         **extra,
     )
 

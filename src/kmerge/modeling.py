@@ -131,6 +131,15 @@ class KMergeOutput:
     answer_tokens: torch.Tensor  # [B] number of answer tokens (incl. EOS) per example
 
 
+@dataclass
+class AnswerStates:
+    """What the model computes at the positions that predict answer tokens (for distillation)."""
+
+    output: KMergeOutput
+    logits: torch.Tensor  # [n answer tokens, vocab]
+    hidden: list[torch.Tensor] | None  # per decoder layer: [n answer tokens, H]
+
+
 def base_fingerprint(model: PreTrainedModel) -> dict:
     """A cheap identity for a base model: shapes plus a hash of part of its embedding table."""
     cfg = model.config
@@ -339,25 +348,33 @@ class KMergeModel(nn.Module):
         return self.loss(self.prepare(prompts, answers, k=k))
 
     def loss(self, batch: CompressedBatch) -> KMergeOutput:
+        return self.answer_states(batch).output
+
+    def answer_states(self, batch: CompressedBatch, layers: bool = False) -> AnswerStates:
+        """Logits (and with ``layers`` every decoder layer's hidden state) at the positions
+        that predict answer tokens, in batch order, with the loss over them."""
         if batch.labels is None:
             raise KMergeConfigError("loss needs answers: the batch has no labels")
-        hidden = self.lm.get_decoder()(
+        out = self.lm.get_decoder()(
             inputs_embeds=batch.inputs_embeds,
             attention_mask=batch.attention_mask,
             position_ids=batch.position_ids,
             use_cache=False,
-        ).last_hidden_state
+            output_hidden_states=layers,
+        )
         # Position t predicts token t + 1: apply the LM head only where t + 1 is an answer token.
         targets = batch.labels[:, 1:]
         where = targets != IGNORE_INDEX
-        logits = self.lm.get_output_embeddings()(hidden[:, :-1][where])
+        logits = self.lm.get_output_embeddings()(out.last_hidden_state[:, :-1][where])
         token_losses = F.cross_entropy(logits.float(), targets[where], reduction="none")
         rows = where.nonzero()[:, 0]
         counts = where.sum(dim=1)
         per_example = torch.zeros(len(counts), device=token_losses.device).index_add(
             0, rows, token_losses
         ) / counts.clamp(min=1)
-        return KMergeOutput(token_losses.mean(), per_example, counts)
+        hidden = [h[:, :-1][where] for h in out.hidden_states[1:]] if layers else None
+        output = KMergeOutput(token_losses.mean(), per_example, counts)
+        return AnswerStates(output, logits, hidden)
 
     # ---------------------------------------------------------------- generation
     @torch.no_grad()

@@ -90,6 +90,13 @@ class TrainConfig:
     # Warm start: the LoRA (and, when its shapes match, the encoder) of this kmerge checkpoint,
     # e.g. a finished K=1 run, instead of fresh adapters.
     init_from: str | None = None
+    # Distillation (kmerge.distillation): a K=1 checkpoint, or "base" (adapters off), read the
+    # plain prompt; the student also matches its answer-token distribution (KL at the
+    # temperature) and, with a hidden weight, its hidden states. One process only.
+    teacher: str | None = None
+    distill_kl_weight: float = 2.0
+    distill_temperature: float = 1.0
+    distill_hidden_weight: float = 0.0
     seed: int = 0
     output_dir: str | None = None
     progress: bool = True
@@ -268,6 +275,7 @@ class Progress:
     elapsed: float = 0.0  # wall seconds up to the last checkpoint, evaluation included
     eval_seconds: float = 0.0
     train_seconds: float = 0.0  # optimisation only, on the budget's clock (wall or cpu)
+    teacher_seconds: float = 0.0  # of which the distillation teacher's forward passes (wall)
     final_eval: dict | None = None
     history: list[dict] = field(default_factory=list)
 
@@ -310,9 +318,20 @@ def train(cfg: TrainConfig, model: KMergeModel | None = None) -> TrainResult:
     trainer: _Trainer | None = None
     factor = _lr_factor(cfg, total_steps, lambda: trainer.progress if trainer else Progress())
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    distiller = None
+    if cfg.teacher:
+        from kmerge.distillation import Distiller
+
+        if accelerator.num_processes > 1:
+            raise KMergeConfigError("distillation (teacher) runs in one process only")
+        distiller = Distiller(
+            model, cfg.teacher, cfg.distill_kl_weight, cfg.distill_temperature,
+            cfg.distill_hidden_weight,
+        )  # fmt: skip
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     store_model_as_adapter(accelerator)
     trainer = _Trainer(cfg, accelerator, model, optimizer, scheduler, out_dir)
+    trainer.distiller = distiller
     if resume_from:
         trainer.resume(resume_from)
     trainer.run()
@@ -404,6 +423,7 @@ class _Trainer:
         self.stop_signals: list[int] = []
         self.metrics_file = None
         self.bar = None
+        self.distiller = None
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.start
@@ -520,11 +540,16 @@ class _Trainer:
             batch = next(batches)
             with acc.accumulate(self.model):
                 prompts, answers = [e.prompt for e in batch], [e.answer for e in batch]
-                out = self.model(prompts, answers, **({"k": k} if k else {}))
-                loss = acc.reduce(out.loss.detach(), "mean").item()  # the same on every process
+                if self.distiller is not None:
+                    result = self.distiller(acc.unwrap_model(self.model), prompts, answers, k)
+                    self.progress.teacher_seconds += result.teacher_seconds
+                    total = result.loss
+                else:
+                    total = self.model(prompts, answers, **({"k": k} if k else {})).loss
+                loss = acc.reduce(total.detach(), "mean").item()  # the same on every process
                 if not math.isfinite(loss):  # before the update: the weights stay good
                     raise NonFiniteLossError(self._non_finite_message(loss, stage))
-                acc.backward(out.loss)
+                acc.backward(total)
                 if acc.sync_gradients:
                     acc.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
                 self.optimizer.step()
@@ -555,6 +580,7 @@ class _Trainer:
                 {
                     "step": p.step, "stage": stage, "loss": avg, "lr": lr,
                     "elapsed": self.elapsed(), "train_seconds": p.train_seconds,
+                    **({"teacher_seconds": p.teacher_seconds} if self.distiller else {}),
                 }
             )  # fmt: skip
             self.bar.set_postfix(loss=f"{avg:.3f}", stage=stage)
