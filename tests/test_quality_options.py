@@ -95,6 +95,7 @@ def test_per_call_protect_spans(tiny_model, tokenizer):
         ({"protect_pattern": "("}, "not a regular expression"),
         ({"protect_last": -1}, "protect_last must be >= 0"),
         ({"merge_norm": "l2"}, "merge_norm must be"),
+        ({"protect_surprising": 1.0}, r"share in \[0, 1\)"),
         (
             {"protect_last": 2, "prompt_compressor": "random_drop", "compression_ratio": 2.0},
             "cannot be combined",
@@ -312,3 +313,21 @@ def test_training_with_a_teacher_logs_its_cost(tiny_model, tmp_path):
     result = train(small_run(tmp_path, teacher="base", distill_hidden_weight=1.0), tiny_model(4))
     logged = [r for r in result.history if "loss" in r]
     assert len(logged) == 6 and all(r["teacher_seconds"] > 0 for r in logged)
+
+
+def test_protect_surprising_keeps_the_most_surprising_share_raw(tiny_model):
+    from kmerge.baselines.self_information import token_surprisal
+
+    model = tiny_model(4, protect_surprising=0.25)
+    prompt = TREE_PROMPTS[0]
+    ids = model.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    start = model.tokenizer.bos_token_id
+    scores = token_surprisal(model.lm, [ids], start)[0]
+    keep = -(-len(ids) // 4)
+    top = sorted(range(len(ids)), key=lambda t: (-scores[t], t))[:keep]
+    flags = model._protected([prompt], [ids], None)[0]
+    assert [t for t, f in enumerate(flags) if f] == sorted(top)
+    assert model.prepare([prompt]).raw_positions == [keep]
+    randomise_trainables(model, seed=9)
+    prompts = TREE_PROMPTS[:4]
+    check_batch_equals_single(model, prompts, answers_for(prompts))

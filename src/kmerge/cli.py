@@ -56,6 +56,12 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--protect-pattern", default=None, help="regular expression; matches stay raw")
     g.add_argument("--protect-last", type=int, default=0, help="the last N prompt tokens stay raw")
+    g.add_argument(
+        "--protect-surprising",
+        type=float,
+        default=0.0,
+        help="share of each prompt's tokens, the most surprising to the base model, kept raw",
+    )
 
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
@@ -244,6 +250,7 @@ def _model_config(args: argparse.Namespace, task: str | None = None):
         merge_norm=args.merge_norm,
         protect_pattern=_protect_pattern(args, task),
         protect_last=args.protect_last,
+        protect_surprising=args.protect_surprising,
     )
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import re
 import shutil
 import tempfile
@@ -73,6 +74,9 @@ class KMergeConfig:
     # the last N prompt tokens. Both count as positions fed in the measured compression.
     protect_pattern: str | None = None
     protect_last: int = 0
+    # Hybrid compression (HyCo2-like): this share of each prompt's tokens, those the frozen base
+    # model finds most surprising, stays raw; only the runs between them are merged.
+    protect_surprising: float = 0.0
     base_fingerprint: dict = field(default_factory=dict)  # filled in by from_base
 
     def __post_init__(self) -> None:
@@ -101,7 +105,12 @@ class KMergeConfig:
                 raise KMergeConfigError(
                     f"protect_pattern {self.protect_pattern!r} is not a regular expression: {err}"
                 ) from None
-        if self.prompt_compressor and (self.protect_pattern or self.protect_last):
+        if not 0.0 <= self.protect_surprising < 1.0:
+            raise KMergeConfigError(
+                f"protect_surprising is a share in [0, 1), got {self.protect_surprising}"
+            )
+        protects = self.protect_pattern or self.protect_last or self.protect_surprising
+        if self.prompt_compressor and protects:
             raise KMergeConfigError(
                 "protected spans and a token-level prompt_compressor cannot be combined"
             )
@@ -294,7 +303,8 @@ class KMergeModel(nn.Module):
     ) -> list[list[bool]] | None:
         """Per prompt token: True when it stays an ordinary token (see KMergeConfig)."""
         pattern, last = self.config.protect_pattern, self.config.protect_last
-        if not (pattern or last or spans):
+        share = self.config.protect_surprising
+        if not (pattern or last or spans or share):
             return None
         if spans is not None and len(spans) != len(prompts):
             raise KMergeConfigError(f"{len(prompts)} prompts but {len(spans)} protect span lists")
@@ -315,7 +325,23 @@ class KMergeModel(nn.Module):
             for t in range(max(0, len(ids) - last), len(ids)):
                 row[t] = True
             flags.append(row)
+        if share:
+            for row, ids, scores in zip(flags, prompt_ids, self._surprisal(prompt_ids)):
+                keep = math.ceil(share * len(ids))
+                for t in sorted(range(len(ids)), key=lambda t: (-scores[t], t))[:keep]:
+                    row[t] = True
         return flags
+
+    def _surprisal(self, prompt_ids: list[list[int]]) -> list[list[float]]:
+        """Each token's surprisal under the frozen base model (adapters off), cached per
+        prompt: the scores never change during training."""
+        from kmerge.baselines.self_information import SelfInformation
+
+        if not hasattr(self, "_surprisal_scorer"):
+            self._surprisal_scorer = SelfInformation(ratio=2.0)
+        scorer = self._surprisal_scorer
+        scorer.compress(prompt_ids, self)  # fills its cache
+        return [scorer._cache[tuple(ids)] for ids in prompt_ids]
 
     def _segment_starts(self, prompt_ids: list[list[int]]) -> list[list[bool]] | None:
         if self.config.block_alignment != "segments":
