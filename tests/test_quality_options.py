@@ -331,3 +331,20 @@ def test_protect_surprising_keeps_the_most_surprising_share_raw(tiny_model):
     randomise_trainables(model, seed=9)
     prompts = TREE_PROMPTS[:4]
     check_batch_equals_single(model, prompts, answers_for(prompts))
+
+
+def test_balanced_classes_are_equally_frequent_and_deterministic():
+    from collections import Counter
+
+    from kmerge.tasks import Example
+    from kmerge.training import balanced
+
+    examples = [Example(f"r{i}", "positive") for i in range(17)] + [
+        Example(f"n{i}", "negative") for i in range(3)
+    ]
+    out = balanced(examples, seed=0)
+    assert len(out) == 20 and Counter(e.answer for e in out) == {"positive": 10, "negative": 10}
+    assert {e.prompt for e in out if e.answer == "negative"} == {"n0", "n1", "n2"}
+    assert out == balanced(examples, seed=0) and out != balanced(examples, seed=1)
+    with pytest.raises(KMergeDataError, match="at least two different answers"):
+        balanced(examples[:5], seed=0)

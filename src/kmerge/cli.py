@@ -156,6 +156,11 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
         help="training examples (default: the tree task makes a fresh one for every example "
         "the run uses; file tasks use every row)",
     )
+    g.add_argument(
+        "--balance-classes",
+        action="store_true",
+        help="labelled tasks: train on every answer equally often (minority classes repeated)",
+    )
     g.add_argument("--steps", type=int, default=300, help="optimizer steps (per curriculum stage)")
     g.add_argument(
         "--time-budget",
@@ -289,6 +294,7 @@ def _train_config(args: argparse.Namespace, **extra):
         lr_schedule=args.lr_schedule,
         k_choices=_numbers(args.k_choices, int, "--k-choices") if args.k_choices else None,
         init_from=args.init_from,
+        balance_classes=args.balance_classes,
         teacher=args.teacher,
         distill_kl_weight=args.distill_kl_weight,
         distill_temperature=args.distill_temperature,

@@ -66,6 +66,9 @@ class TrainConfig:
     # Training examples. None: a task that generates examples (tree) makes a fresh one for
     # every example the run consumes (no repeated epochs); file tasks use every row.
     n_train: int | None = None
+    # Labelled tasks: draw the training examples so that every answer is equally frequent
+    # (minority classes repeated), e.g. Amazon Reviews' 85% positive.
+    balance_classes: bool = False
     n_eval: int = 128
     steps: int = 300  # optimizer steps (per stage in curriculum mode)
     batch_size: int = 32  # 16 left K=4 at chance on the tree task here: docs/demo.md
@@ -205,9 +208,34 @@ def load_data(
         held_out = []  # user data without an eval file: train only, no evaluation
     else:
         held_out = task.examples("test", cfg.n_eval)
+    if cfg.balance_classes:
+        train = balanced(train, cfg.seed)
     train, cut_train = fit_prompts(train, tokenizer, cfg.max_prompt_tokens)
     held_out, cut_eval = fit_prompts(held_out, tokenizer, cfg.max_prompt_tokens)
     return TaskData(task, train, held_out, cut_train + cut_eval)
+
+
+def balanced(examples: list[Example], seed: int) -> list[Example]:
+    """The same number of examples, drawn round-robin over the answers (each class shuffled and
+    cycled), so every answer is equally frequent; deterministic for a seed."""
+    by_answer: dict[str, list[Example]] = {}
+    for example in examples:
+        by_answer.setdefault(example.answer, []).append(example)
+    if len(by_answer) < 2:
+        raise KMergeDataError(
+            f"balance_classes needs at least two different answers, found {len(by_answer)}"
+        )
+    if len(by_answer) > 64:
+        raise KMergeDataError(
+            f"balance_classes is for labelled tasks; these examples have {len(by_answer)} "
+            "different answers"
+        )
+    rng = random.Random(f"{seed}-balance")
+    pools = [rng.sample(group, len(group)) for _, group in sorted(by_answer.items())]
+    out = [pools[i % len(pools)][(i // len(pools)) % len(pools[i % len(pools)])]
+           for i in range(len(examples))]  # fmt: skip
+    rng.shuffle(out)
+    return out
 
 
 def build_task(

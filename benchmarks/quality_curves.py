@@ -1,0 +1,99 @@
+"""Held-out metric against training seconds for finished `kmerge train` runs (docs/quality.md).
+
+    .venv/bin/python benchmarks/quality_curves.py runs/q/k1-s0 runs/q/k4-s0 ... \\
+        --labels "K=1,K=4" --output docs/img/quality-tree.png --table
+
+Reads each run's metrics.jsonl (the eval records carry ``train_seconds``: optimisation time on
+the run's budget clock, evaluation excluded) and results.json, draws one curve per run (runs
+with the same label are averaged point by point, the spread shaded) and prints a markdown table
+of the final metric, the measured compression and the training seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import defaultdict
+from pathlib import Path
+
+from kmerge.reporting import markdown_table
+
+
+def eval_curve(run: Path, metric: str) -> list[tuple[float, float]]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [(r["train_seconds"], r[f"eval_{metric}"]) for r in rows if f"eval_{metric}" in r]
+
+
+def final_row(run: Path, metric: str) -> dict:
+    result = json.loads((run / "results.json").read_text())
+    final = result["final_eval"]
+    return {
+        "run": run.name,
+        "metric": final[metric],
+        "compression": final["compression"],
+        "positions": final["mean_positions_fed"],
+        "steps": result["steps"],
+        "train_seconds": result["train_seconds"],
+        "n": final["n"],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("runs", nargs="+", type=Path)
+    parser.add_argument("--labels", default=None, help="comma-separated, one per run")
+    parser.add_argument("--metric", default="accuracy")
+    parser.add_argument("--title", default="Textualized Tree (small), held-out")
+    parser.add_argument("--output", type=Path, default=None, help="PNG path")
+    parser.add_argument("--table", action="store_true", help="print a markdown table")
+    args = parser.parse_args()
+    labels = args.labels.split(",") if args.labels else [r.name for r in args.runs]
+    if len(labels) != len(args.runs):
+        parser.error(f"{len(args.runs)} runs but {len(labels)} labels")
+
+    groups: dict[str, list[Path]] = defaultdict(list)
+    for label, run in zip(labels, args.runs):
+        groups[label].append(run)
+    if args.table:
+        cells = []
+        for label, runs in groups.items():
+            for run in runs:
+                row = final_row(run, args.metric)
+                cells.append([
+                    label, row["run"], f"{100 * row['metric']:.1f}%", f"{row['compression']:.2f}x",
+                    f"{row['positions']:.1f}", str(row["steps"]), f"{row['train_seconds']:.0f}",
+                    str(row["n"]),
+                ])  # fmt: skip
+        header = ("variant", "run", args.metric, "compression", "positions fed", "steps",
+                  "train s", "n")  # fmt: skip
+        print(markdown_table(header, cells))
+    if args.output:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for label, runs in groups.items():
+            curves = [eval_curve(run, args.metric) for run in runs]
+            n = min(len(c) for c in curves)
+            xs = [sum(c[i][0] for c in curves) / len(curves) for i in range(n)]
+            ys = [[100 * c[i][1] for c in curves] for i in range(n)]
+            mean = [sum(v) / len(v) for v in ys]
+            (line,) = ax.plot(xs, mean, marker="o", label=f"{label} (n={len(runs)} seeds)")
+            if len(runs) > 1:
+                ax.fill_between(xs, [min(v) for v in ys], [max(v) for v in ys],
+                                color=line.get_color(), alpha=0.2)  # fmt: skip
+        ax.set_xlabel("training seconds (CPU time of the run, evaluation excluded)")
+        ax.set_ylabel(f"held-out {args.metric} (%)")
+        ax.set_title(args.title)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(args.output, dpi=120)
+        print(f"wrote {args.output}")
+
+
+if __name__ == "__main__":
+    main()
