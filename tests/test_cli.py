@@ -8,6 +8,7 @@ import json
 import pytest
 
 from kmerge.cli import main
+from kmerge.modeling import KMergeModel
 
 
 def test_train_eval_generate(tiny_dir, tmp_path, capsys):
@@ -57,18 +58,12 @@ def test_train_eval_generate(tiny_dir, tmp_path, capsys):
     result = json.loads(capsys.readouterr().out)
     assert result["n"] == 2 and result["task"] == "jsonl"
 
-    main(
-        [
-            "generate",
-            "--checkpoint",
-            str(ckpt),
-            "--prompt",
-            "Tree: AA, Answer:",
-            "--max-new-tokens",
-            "3",
-        ]
-    )
-    assert len(capsys.readouterr().out.strip().splitlines()) == 1
+    prompts = ["Tree: AA, Answer:", "Tree: BB\n+CC, Answer:"]
+    main(["generate", "--checkpoint", str(ckpt), "--max-new-tokens", "3"]
+         + ["--prompt", prompts[0], "--prompt", prompts[1]])  # fmt: skip
+    # One line per prompt: the checkpoint's greedy answer, LoRA merged as the command runs it.
+    expected = KMergeModel.from_pretrained(ckpt).merge_lora().generate(prompts, max_new_tokens=3)
+    assert capsys.readouterr().out == "".join(text + "\n" for text in expected)
 
 
 @pytest.mark.parametrize(

@@ -12,6 +12,7 @@ import torch
 from kmerge.evaluation import evaluate, summarise
 from kmerge.tasks import Example, Task
 from tests.conftest import randomise_trainables
+from tests.helpers import assert_greedy_equivalent
 
 
 class Sentiment(Task):
@@ -40,6 +41,30 @@ def model(tiny_model):
     return m
 
 
+def record_generated_ids(model, monkeypatch) -> list[list[int]]:
+    """The token id rows ``evaluate`` generates, appended in call order."""
+    rows: list[list[int]] = []
+    original = model.generate_ids
+
+    def generate_ids(*args, **kwargs):
+        out = original(*args, **kwargs)
+        rows.extend(out)
+        return out
+
+    monkeypatch.setattr(model, "generate_ids", generate_ids)
+    return rows
+
+
+def assert_same_predictions(model, a, ids_a, b, ids_b):
+    """Two evaluations generated the same greedy tokens up to near-ties (tests/helpers.py), and
+    the same prediction wherever the tokens agree."""
+    assert len(ids_a) == len(ids_b) == len(EXAMPLES)
+    assert_greedy_equivalent(model, [e.prompt for e in EXAMPLES], ids_a, ids_b)
+    for i, (row_a, row_b) in enumerate(zip(ids_a, ids_b)):
+        if row_a == row_b:
+            assert a["predictions"][i] == b["predictions"][i], i
+
+
 def test_choices_and_perplexity_follow_the_model_losses(model):
     result = evaluate(model, EXAMPLES, Sentiment(), batch_size=2, progress=False)
     with torch.no_grad():
@@ -60,10 +85,14 @@ def test_choices_and_perplexity_follow_the_model_losses(model):
     assert 0 <= result["p_lf1"] <= 1
 
 
-def test_results_do_not_depend_on_the_batch_size(model):
+def test_results_do_not_depend_on_the_batch_size(model, monkeypatch):
+    generated = record_generated_ids(model, monkeypatch)
     one = evaluate(model, EXAMPLES, Sentiment(), batch_size=1, progress=False)
+    ids_one = generated.copy()
+    generated.clear()
     many = evaluate(model, EXAMPLES, Sentiment(), batch_size=4, progress=False)
-    assert one["choices"] == many["choices"] and one["predictions"] == many["predictions"]
+    assert one["choices"] == many["choices"]
+    assert_same_predictions(model, one, ids_one, many, generated)
     assert one["perplexity"] == pytest.approx(many["perplexity"], rel=1e-5)
     assert one["mean_positions_fed"] == many["mean_positions_fed"]
 
@@ -87,9 +116,12 @@ def test_compression_is_measured(model):
     )
 
 
-def test_sharded_evaluation_gathers_to_the_single_process_result(model):
+def test_sharded_evaluation_gathers_to_the_single_process_result(model, monkeypatch):
     """Two shards, as two processes would evaluate them; `gather` puts their records together."""
+    generated = record_generated_ids(model, monkeypatch)
     full = evaluate(model, EXAMPLES, Sentiment(), progress=False)
+    ids_full = generated.copy()
+    generated.clear()
     shards = [EXAMPLES[:3], EXAMPLES[3:]]
     collected: list[list] = []
 
@@ -103,7 +135,7 @@ def test_sharded_evaluation_gathers_to_the_single_process_result(model):
     for key in ("choice_accuracy", "macro_f1", "accuracy", "mean_positions_fed", "n"):
         assert merged[key] == pytest.approx(full[key])
     assert merged["perplexity"] == pytest.approx(full["perplexity"], rel=1e-5)
-    assert merged["predictions"] == full["predictions"]
+    assert_same_predictions(model, merged, generated, full, ids_full)
 
 
 def test_perplexity_p_lf1_needs_the_reference(model):

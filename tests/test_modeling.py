@@ -18,6 +18,7 @@ from kmerge.modeling import (
     KMergeModel,
 )
 from tests.conftest import randomise_trainables
+from tests.helpers import assert_greedy_equivalent
 
 WORDS = (
     "the cat sat on a mat and then it ran to see why my red hat was in big box "
@@ -123,13 +124,15 @@ def test_randomised_trainables_are_active(tiny_model):
 
 # ------------------------------------------------------------------ batch == one by one
 def check_batch_equals_single(model, prompts, answers):
-    """Per-example losses and greedy generations of the batch equal those of one at a time."""
+    """Per-example losses of the batch equal those of one at a time, and its greedy
+    generations too, up to near-ties (tests/helpers.py)."""
     with torch.no_grad():
         batch = model(prompts, answers).example_losses
         single = torch.cat([model([p], [a]).example_losses for p, a in zip(prompts, answers)])
     torch.testing.assert_close(batch, single, rtol=0, atol=1e-5)
     together = model.generate_ids(prompts, max_new_tokens=6)
-    assert together == [model.generate_ids([p], max_new_tokens=6)[0] for p in prompts]
+    alone = [model.generate_ids([p], max_new_tokens=6)[0] for p in prompts]
+    assert_greedy_equivalent(model, prompts, together, alone)
     return together
 
 
@@ -249,7 +252,8 @@ def test_cached_generation_equals_uncached(tiny_model, tokenizer, k):
     eos = tokenizer.eos_token_id
     for prompt in (PROMPTS[0], PROMPTS[2]):
         expected = cut_at_eos(uncached_greedy(model, prompt, 8), eos)
-        assert model.generate_ids([prompt], max_new_tokens=8)[0] == expected
+        cached = model.generate_ids([prompt], max_new_tokens=8)[0]
+        assert_greedy_equivalent(model, prompt, cached, expected)
         assert len(expected) > 0
 
 
@@ -296,7 +300,19 @@ def test_sampling_is_reproducible(tiny_model):
 def losses_and_generations(model):
     with torch.no_grad():
         losses = model(PROMPTS, ANSWERS).example_losses
-    return losses, model.generate(PROMPTS, max_new_tokens=6)
+    return losses, model.generate_ids(PROMPTS, max_new_tokens=6)
+
+
+def trained_tensors(model):
+    """LoRA and encoder tensors by name: what a checkpoint must restore bit for bit."""
+    return {n: p for n, p in model.state_dict().items() if "lora_" in n or "encoder." in n}
+
+
+def assert_same_trained_tensors(loaded, model):
+    expected, got = trained_tensors(model), trained_tensors(loaded)
+    assert expected and got.keys() == expected.keys()
+    for name, tensor in expected.items():
+        assert torch.equal(got[name], tensor), name
 
 
 @pytest.mark.parametrize(
@@ -308,7 +324,8 @@ def losses_and_generations(model):
     ],
 )
 def test_save_load_round_trip(tiny_model, tiny_base, tokenizer, tmp_path, k, options):
-    """A saved model reloaded onto an identical base gives identical losses and generations."""
+    """A saved model reloaded onto an identical base has bit-identical trained tensors, so the
+    same losses (up to float rounding) and greedy generations (up to near-ties)."""
     options = {"block_alignment": "end", **options}
     model = tiny_model(k, seed=11, lora_r=4, **options)
     randomise_trainables(model, seed=12)
@@ -328,9 +345,10 @@ def test_save_load_round_trip(tiny_model, tiny_base, tokenizer, tmp_path, k, opt
     loaded = KMergeModel.from_pretrained(target, base=tiny_base(seed=11), tokenizer=tokenizer)
     assert loaded.config == model.config
     assert loaded.config.lora_r == 4 and loaded.config.block_alignment == options["block_alignment"]
+    assert_same_trained_tensors(loaded, model)
     loaded_losses, loaded_generations = losses_and_generations(loaded)
-    torch.testing.assert_close(loaded_losses, losses, rtol=0, atol=0)
-    assert loaded_generations == generations
+    torch.testing.assert_close(loaded_losses, losses, rtol=0, atol=1e-5)
+    assert_greedy_equivalent(loaded, PROMPTS, loaded_generations, generations)
     assert loaded.trainable_parameters() == []
 
 
@@ -359,7 +377,8 @@ def test_save_twice_overwrites_atomically(tiny_model, tiny_base, tokenizer, tmp_
 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
     loaded = KMergeModel.from_pretrained(target, base=tiny_base(), tokenizer=tokenizer)
-    torch.testing.assert_close(losses_and_generations(loaded)[0], second, rtol=0, atol=0)
+    assert_same_trained_tensors(loaded, model)
+    torch.testing.assert_close(losses_and_generations(loaded)[0], second, rtol=0, atol=1e-5)
 
 
 # ------------------------------------------------------------------ mismatch errors
@@ -519,8 +538,8 @@ def test_copy_of_checkpoint_loads(checkpoint, tiny_base, tokenizer, tmp_path):
 # ------------------------------------------------------------------ merged LoRA (inference)
 def test_merge_lora_keeps_outputs_and_undoes(tiny_model, tmp_path):
     """Folding LoRA into the base weights changes losses only by float rounding and leaves the
-    greedy tokens as they were; batched still equals one by one; unmerging restores the base
-    weights; the saved adapter is the same whether merged or not."""
+    greedy tokens as they were (up to near-ties); batched still equals one by one; unmerging
+    restores the base weights; the saved adapter is the same whether merged or not."""
     model = tiny_model(4)
     randomise_trainables(model, seed=1, std=0.05)
     base_weights = {n: p.clone() for n, p in model.lm.named_parameters() if "base_layer" in n}
@@ -532,7 +551,8 @@ def test_merge_lora_keeps_outputs_and_undoes(tiny_model, tmp_path):
                    and not torch.equal(p, base_weights[n])]  # fmt: skip
         assert changed  # the LoRA update really went into the base weights
         torch.testing.assert_close(model(PROMPTS, ANSWERS).example_losses, before)
-        assert check_batch_equals_single(model, PROMPTS, ANSWERS) == tokens
+        merged_tokens = check_batch_equals_single(model, PROMPTS, ANSWERS)
+        assert_greedy_equivalent(model, PROMPTS, merged_tokens, tokens)
         model.merge_lora()  # a second merge is a no-op, not a double update
         torch.testing.assert_close(model(PROMPTS, ANSWERS).example_losses, before)
         model.save_pretrained(tmp_path / "merged")
