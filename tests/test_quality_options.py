@@ -348,3 +348,17 @@ def test_balanced_classes_are_equally_frequent_and_deterministic():
     assert out == balanced(examples, seed=0) and out != balanced(examples, seed=1)
     with pytest.raises(KMergeDataError, match="at least two different answers"):
         balanced(examples[:5], seed=0)
+
+
+def test_k_schedule_walks_the_choices_in_order(tiny_model, tmp_path):
+    model = tiny_model(4)
+    seen = []
+    forward = model.forward
+
+    def spy(prompts, answers, k=None):
+        seen.append(k)
+        return forward(prompts, answers, k=k)
+
+    model.forward = spy
+    train(small_run(tmp_path, steps=9, k_choices=[1, 2, 4], k_order="schedule"), model)
+    assert seen == [1, 1, 1, 2, 2, 2, 4, 4, 4]

@@ -182,6 +182,12 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
         help="comma-separated K values, one drawn per step (each <= --k): one model for all",
     )
     g.add_argument(
+        "--k-order",
+        choices=("sample", "schedule"),
+        default="sample",
+        help="schedule: walk --k-choices in order, an equal share of the run each",
+    )
+    g.add_argument(
         "--init-from", default=None, help="warm start: LoRA (and encoder) of this checkpoint"
     )
     g = p.add_argument_group("distillation from an uncompressed teacher (kmerge.distillation)")
@@ -219,6 +225,12 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--keep-checkpoints", type=int, default=2, help="how many to keep")
     g.add_argument(
         "--resume", action="store_true", help="continue from the newest complete checkpoint"
+    )
+    g.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace what OUTPUT_DIR holds (a finished run, another run's files); without it "
+        "a non-empty OUTPUT_DIR is refused unless --resume continues an interrupted run",
     )
 
 
@@ -287,12 +299,14 @@ def _train_config(args: argparse.Namespace, **extra):
         save_every=args.save_every,
         keep_checkpoints=args.keep_checkpoints,
         resume=args.resume,
+        overwrite=args.overwrite,
         mixed_precision=args.mixed_precision,
         gradient_checkpointing=args.gradient_checkpointing,
         time_budget=args.time_budget,
         budget_clock=args.budget_clock,
         lr_schedule=args.lr_schedule,
         k_choices=_numbers(args.k_choices, int, "--k-choices") if args.k_choices else None,
+        k_order=args.k_order,
         init_from=args.init_from,
         balance_classes=args.balance_classes,
         teacher=args.teacher,
@@ -384,8 +398,20 @@ def _command(args: argparse.Namespace) -> str:
 
 
 def _write_json(path: Path, payload: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload, indent=2) + "\n")
+    from kmerge.io import atomic_write_text
+
+    if path.is_dir():
+        raise KMergeConfigError(f"{path} is a directory, not a file to write")
+    atomic_write_text(path, json.dumps(payload, indent=2) + "\n")
+
+
+def _check_counts(args: argparse.Namespace, minimum: dict[str, int]) -> None:
+    """Refuse a count option below its minimum (an option left unset, None, is fine)."""
+    for name, least in minimum.items():
+        value = getattr(args, name, None)
+        if value is not None and value < least:
+            option = "--" + name.replace("_", "-")
+            raise KMergeConfigError(f"{option} must be >= {least}, got {value}")
 
 
 def _load(args: argparse.Namespace):
@@ -406,6 +432,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from kmerge.tasks.base import fit_prompts
     from kmerge.training import build_task
 
+    _check_counts(args, {"batch_size": 1, "n_eval": 1, "max_new_tokens": 1, "generate_n": 0})
+    if args.output and Path(args.output).is_dir():
+        raise KMergeConfigError(f"--output {args.output} is a directory, not a file to write")
     name, options = _task_name_and_options(args)
     task = build_task(name, args.seed, args.stage, args.n_eval, options=options)
     examples = task.examples("test", args.n_eval)  # bad data fails before the model loads
@@ -439,6 +468,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
+    _check_counts(args, {"max_new_tokens": 1})
     model = _load(args)
     prompts = args.prompt or [line.rstrip("\n") for line in sys.stdin if line.strip()]
     kwargs = {}
@@ -672,12 +702,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# A path that names the wrong kind of thing, or one kmerge may not write: the user's to fix.
+PATH_ERRORS = (NotADirectoryError, IsADirectoryError, FileExistsError, PermissionError)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     args.argv = sys.argv[1:] if argv is None else list(argv)  # to start it again in processes
     try:
         args.func(args)
-    except (KMergeError, FileNotFoundError) as err:
+    except (KMergeError, FileNotFoundError, *PATH_ERRORS) as err:
         print(f"kmerge: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
 

@@ -19,6 +19,7 @@ import json
 import math
 import os
 import random
+import shutil
 import signal
 import threading
 import time
@@ -43,9 +44,10 @@ from kmerge.checkpointing import (
 )
 from kmerge.errors import KMergeConfigError, KMergeDataError
 from kmerge.evaluation import evaluate, merge_shards, shard_indices
+from kmerge.io import atomic_write_text
 from kmerge.modeling import KMergeConfig, KMergeModel
 from kmerge.tasks import Example, Task, get_task
-from kmerge.tasks.base import fit_prompts
+from kmerge.tasks.base import fit_prompts, name_example
 from kmerge.tasks.files import FileTask
 from kmerge.tasks.tree import STAGES
 
@@ -90,6 +92,10 @@ class TrainConfig:
     # Several K in one model: each optimizer step merges at a K drawn from k_choices (all <=
     # model.k); the checkpoint then serves each of them (evaluate(..., k=), kmerge eval --k).
     k_choices: list[int] | None = None
+    # "sample": a K drawn per step from k_choices; "schedule": k_choices walked in order, each
+    # for an equal share of the run (steps or time budget, whichever runs out first), e.g.
+    # 1,2,4 moves from the plain prompt to the target K.
+    k_order: str = "sample"
     # Warm start: the LoRA (and, when its shapes match, the encoder) of this kmerge checkpoint,
     # e.g. a finished K=1 run, instead of fresh adapters.
     init_from: str | None = None
@@ -109,6 +115,9 @@ class TrainConfig:
     save_every: int = 0
     keep_checkpoints: int = 2
     resume: bool = False
+    # An output_dir that already holds files (a finished run, another run's checkpoints, anything
+    # else) is refused unless overwrite: then kmerge's own outputs there are replaced.
+    overwrite: bool = False
     # For GPUs: "no", "fp16" or "bf16" (None: what the accelerate launch/config says, else "no")
     mixed_precision: str | None = None
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory
@@ -134,6 +143,8 @@ class TrainConfig:
             raise KMergeConfigError(
                 f"lr_schedule must be 'cosine' or 'constant', got {self.lr_schedule!r}"
             )
+        if self.k_order not in ("sample", "schedule"):
+            raise KMergeConfigError(f"k_order must be 'sample' or 'schedule', got {self.k_order!r}")
         if self.k_choices is not None:
             if not self.k_choices:
                 raise KMergeConfigError("k_choices must list at least one K")
@@ -145,6 +156,8 @@ class TrainConfig:
                     )
         if self.save_every < 0:
             raise KMergeConfigError(f"save_every must be >= 0, got {self.save_every}")
+        if self.resume and self.overwrite:
+            raise KMergeConfigError("give resume or overwrite, not both")
         if (self.save_every or self.resume) and not self.output_dir:
             raise KMergeConfigError("save_every and resume need an output_dir for the checkpoints")
         if self.mixed_precision not in (None, "no", "fp16", "bf16"):
@@ -284,7 +297,8 @@ class NonFiniteLossError(FloatingPointError):
 
 # Settings a resumed run may change: none of them touches the numbers the run computes.
 RESUMABLE_CHANGES = (
-    "output_dir", "progress", "resume", "save_every", "keep_checkpoints", "gradient_checkpointing",
+    "output_dir", "progress", "resume", "overwrite", "save_every", "keep_checkpoints",
+    "gradient_checkpointing",
 )  # fmt: skip
 
 
@@ -322,7 +336,10 @@ def train(cfg: TrainConfig, model: KMergeModel | None = None) -> TrainResult:
     set_seed(cfg.seed)
     accelerator = _make_accelerator(cfg)
     out_dir = Path(cfg.output_dir) if cfg.output_dir else None
-    resume_from = _checkpoint_to_resume(cfg, out_dir)  # before the slow part: fail early
+    # Every input is read and checked before anything is written: a run that fails on bad
+    # data, a bad checkpoint or a taken output directory leaves that directory as it was.
+    _check_output_dir(cfg, out_dir)  # before the slow part: fail early
+    resume_from = _checkpoint_to_resume(cfg, out_dir)
     if model is None:
         model = KMergeModel.from_base(cfg.model.base_model, cfg.model)
     if model.lora_merged:
@@ -336,9 +353,9 @@ def train(cfg: TrainConfig, model: KMergeModel | None = None) -> TrainResult:
         model.lm.gradient_checkpointing_enable(
             gradient_checkpointing_kwargs={"use_reentrant": False}
         )
-    if out_dir and accelerator.is_main_process:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+    # The first stage's data (later curriculum stages load when they start).
+    first_stage = cfg.curriculum[0] if cfg.curriculum else None
+    first_data = load_data(cfg, model.tokenizer, first_stage, accelerator.num_processes)
     if cfg.init_from:
         warm_start(model, cfg.init_from)
     optimizer = make_optimizer(model, cfg)
@@ -360,8 +377,13 @@ def train(cfg: TrainConfig, model: KMergeModel | None = None) -> TrainResult:
     store_model_as_adapter(accelerator)
     trainer = _Trainer(cfg, accelerator, model, optimizer, scheduler, out_dir)
     trainer.distiller = distiller
+    trainer.preloaded[0] = first_data
     if resume_from:
         trainer.resume(resume_from)
+    if out_dir:
+        accelerator.wait_for_everyone()  # every process has checked the directory: now write
+        if accelerator.is_main_process:
+            _start_output(cfg, out_dir)
     trainer.run()
     progress = trainer.progress
     train_seconds = progress.train_seconds  # optimisation time only
@@ -405,7 +427,10 @@ def warm_start(model: KMergeModel, checkpoint: str | Path) -> None:
             param.copy_(saved[name].to(param.dtype))
         encoder_file = directory / ENCODER_FILE
         if encoder_file.is_file():
-            encoder_state = load_file(encoder_file)
+            try:
+                encoder_state = load_file(encoder_file)
+            except Exception as err:  # a truncated or foreign file
+                raise KMergeConfigError(f"init_from: cannot read {encoder_file}: {err}") from None
             own_encoder = model.encoder.state_dict()
             if encoder_state and {k: v.shape for k, v in encoder_state.items()} == {
                 k: v.shape for k, v in own_encoder.items()
@@ -424,12 +449,18 @@ def _lr_factor(cfg: TrainConfig, total_steps: int, progress: Callable[[], Progre
             return step / max(1, warmup)
         if cfg.lr_schedule == "constant":
             return 1.0
-        done = (step - warmup) / max(1, total_steps - warmup)
-        if cfg.time_budget:
-            done = max(done, progress().train_seconds / cfg.time_budget)
+        done = run_fraction(cfg, step - warmup, total_steps - warmup, progress())
         return max(0.0, 0.5 * (1.0 + math.cos(math.pi * min(1.0, done))))
 
     return factor
+
+
+def run_fraction(cfg: TrainConfig, step: int, total_steps: int, progress: Progress) -> float:
+    """How much of the run is done: the larger of the step share and the time-budget share."""
+    done = step / max(1, total_steps)
+    if cfg.time_budget:
+        done = max(done, progress.train_seconds / cfg.time_budget)
+    return min(1.0, done)
 
 
 def _clock(kind: str) -> float:
@@ -452,6 +483,7 @@ class _Trainer:
         self.metrics_file = None
         self.bar = None
         self.distiller = None
+        self.preloaded: dict[int, TaskData] = {}  # stage index -> data loaded before the run
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.start
@@ -487,7 +519,7 @@ class _Trainer:
     def _train_stage(self) -> None:
         cfg, p = self.cfg, self.progress
         stage = self.stages[p.stage_index]
-        data = load_data(
+        data = self.preloaded.pop(p.stage_index, None) or load_data(
             cfg, self.tokenizer, stage if cfg.curriculum else None, self.accelerator.num_processes
         )
         if p.stage_step == 0:  # not when resuming inside the stage: logged already
@@ -523,12 +555,15 @@ class _Trainer:
         return bool(spent.max() >= budget)
 
     def _step_k(self) -> int | None:
-        """The K of this optimizer step: drawn from k_choices (seeded by the step, so a resumed
-        run draws the same), else the model's."""
-        choices = self.cfg.k_choices
+        """The K of this optimizer step: from k_choices, drawn (seeded by the step, so a resumed
+        run draws the same) or by the share of the run done; else the model's."""
+        choices, p = self.cfg.k_choices, self.progress
         if not choices:
             return None
-        return random.Random(f"{self.cfg.seed}-k-{self.progress.step}").choice(choices)
+        if self.cfg.k_order == "schedule":
+            done = run_fraction(self.cfg, p.step, self.cfg.steps * len(self.stages), p)
+            return choices[min(len(choices) - 1, int(done * len(choices)))]
+        return random.Random(f"{self.cfg.seed}-k-{p.step}").choice(choices)
 
     def _batches(self, examples: list[Example]) -> Iterator[list[Example]]:
         """This stage's batches, epoch after epoch. The data position is kept in ``progress``
@@ -568,12 +603,16 @@ class _Trainer:
             batch = next(batches)
             with acc.accumulate(self.model):
                 prompts, answers = [e.prompt for e in batch], [e.answer for e in batch]
-                if self.distiller is not None:
-                    result = self.distiller(acc.unwrap_model(self.model), prompts, answers, k)
-                    self.progress.teacher_seconds += result.teacher_seconds
-                    total = result.loss
-                else:
-                    total = self.model(prompts, answers, **({"k": k} if k else {})).loss
+                try:
+                    if self.distiller is not None:
+                        model = acc.unwrap_model(self.model)
+                        result = self.distiller(model, prompts, answers, k)
+                        self.progress.teacher_seconds += result.teacher_seconds
+                        total = result.loss
+                    else:
+                        total = self.model(prompts, answers, **({"k": k} if k else {})).loss
+                except KMergeDataError as err:  # e.g. a prompt too long: name its row
+                    raise name_example(err, batch) from None
                 loss = acc.reduce(total.detach(), "mean").item()  # the same on every process
                 if not math.isfinite(loss):  # before the update: the weights stay good
                     raise NonFiniteLossError(self._non_finite_message(loss, stage))
@@ -779,15 +818,86 @@ def _checkpoint_to_resume(cfg: TrainConfig, out_dir: Path | None) -> Path | None
     if out_dir is None:
         return None
     root = checkpoints_dir(out_dir)
+    if cfg.overwrite:  # an earlier run's checkpoints go when this run starts writing
+        return None
     latest = latest_checkpoint(root) if root.is_dir() else None
     if cfg.resume and latest is None:
         raise KMergeConfigError(f"--resume: no complete checkpoint in {root} to continue from")
     if latest is not None and not cfg.resume:
         raise KMergeConfigError(
             f"{root} holds checkpoints of an earlier run (newest: {latest.name}): pass --resume "
-            "to continue it, or use another output directory"
+            "to continue it, --overwrite to replace it, or use another output directory"
         )
     return latest
+
+
+# What a run writes in its output directory (besides metrics.jsonl, train_config.json).
+RUN_OUTPUTS = ("checkpoint", "checkpoints", "results.json")
+
+
+def _check_output_dir(cfg: TrainConfig, out_dir: Path | None) -> None:
+    """Refuse an output directory that is a file, or that already holds files, unless they are
+    an interrupted run to ``resume`` (checked against its checkpoint), an unfinished run of the
+    same settings that left no checkpoint (it starts again), or ``overwrite`` says to replace
+    them. Nothing is written here."""
+    if out_dir is None:
+        return
+    for path in (out_dir, *out_dir.parents):  # the nearest existing one must be a directory
+        if path.exists():
+            if not path.is_dir():
+                raise KMergeConfigError(f"output directory {out_dir}: {path} is not a directory")
+            break
+    if not out_dir.is_dir() or cfg.overwrite or cfg.resume:
+        return
+    names = sorted(p.name for p in out_dir.iterdir())
+    if not names or (out_dir / "checkpoints").is_dir():
+        return  # empty, or checkpoints: _checkpoint_to_resume decides
+    if _unfinished_run_of(cfg, out_dir, names):
+        return
+    finished = [n for n in RUN_OUTPUTS if n in names]
+    if finished:
+        what = f"a finished run ({', '.join(finished)})"
+    elif "train_config.json" in names:
+        what = "another run (its train_config.json has other settings)"
+    else:
+        shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        what = f"other files ({shown})"
+    raise KMergeConfigError(
+        f"output directory {out_dir} already holds {what}: pass --overwrite to replace it, "
+        "or use another output directory"
+    )
+
+
+def _unfinished_run_of(cfg: TrainConfig, out_dir: Path, names: list[str]) -> bool:
+    """``out_dir`` holds only what a run with these settings writes before its first
+    checkpoint (it failed or was killed early): starting it again loses nothing."""
+    if not set(names) <= {"train_config.json", "metrics.jsonl"} or "train_config.json" not in names:
+        return False
+    try:
+        saved = json.loads((out_dir / "train_config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    if not isinstance(saved, dict):
+        return False
+    current = json.loads(json.dumps(cfg.to_dict()))
+    return not _differences(
+        {k: v for k, v in saved.items() if k not in RESUMABLE_CHANGES},
+        {k: v for k, v in current.items() if k not in RESUMABLE_CHANGES},
+    )
+
+
+def _start_output(cfg: TrainConfig, out_dir: Path) -> None:
+    """Create the output directory and record the settings (atomically); with ``overwrite``
+    an earlier run's checkpoints, model and results go first."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.overwrite:
+        for name in RUN_OUTPUTS:
+            path = out_dir / name
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            elif path.exists() or path.is_symlink():
+                path.unlink()
+    atomic_write_text(out_dir / "train_config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
 
 
 @contextlib.contextmanager
