@@ -23,9 +23,12 @@ def write_rows(path, rows, blank_between=False):
 
 
 def test_good_file(tmp_path):
-    examples = load_jsonl_examples(write_rows(tmp_path / "d.jsonl", ROWS, blank_between=True))
+    path = write_rows(tmp_path / "d.jsonl", ROWS, blank_between=True)
+    examples = load_jsonl_examples(path)
     assert examples == [Example("2+2=", "4"), Example("3+3=", "6")]
-    assert examples[0].meta == {"id": 1}
+    # Other fields, and the row each came from (for errors found later), are in meta.
+    assert examples[0].meta == {"id": 1, "where": f"{path} line 1"}
+    assert examples[1].meta["where"] == f"{path} line 3"
 
 
 def test_gz_file(tmp_path):

@@ -19,9 +19,12 @@ def one_line(err: pytest.ExceptionInfo) -> str:
 
 
 # ------------------------------------------------------------------ bad names and paths
-@pytest.mark.parametrize("name", ["./does/not/exist", "/does/not/exist", "a/b/c/d"])
+@pytest.mark.parametrize(
+    "name", ["./does/not/exist", "/does/not/exist", "a/b/c/d", "no-such-model-xyz", "a b/c"]
+)
 def test_impossible_local_path(name):
-    """A path-like name that does not exist is refused without any download attempt."""
+    """A name that is no existing path, embedded model or hub id owner/name is refused at once,
+    without any download attempt."""
     with pytest.raises(KMergeConfigError, match="neither an embedded model") as err:
         load_base_model(name)
     message = one_line(err)
@@ -34,12 +37,13 @@ def test_directory_without_config(tmp_path):
     assert str(tmp_path) in one_line(err)
 
 
-@pytest.mark.parametrize("name", ["no-such-model-xyz", "owner/no-such-model-xyz"])
-def test_unknown_hub_id(name):
-    """A hub id that cannot be fetched (tests run offline) is a one-line KMergeConfigError."""
+def test_unknown_hub_id(monkeypatch):
+    """A hub id that is not cached is refused at once when offline (tests run offline)."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    name = "owner/no-such-model-xyz"
     with pytest.raises(KMergeConfigError, match=f"cannot load model '{name}'") as err:
         load_base_model(name)
-    one_line(err)
+    assert "HF_HUB_OFFLINE" in one_line(err)
 
 
 # ------------------------------------------------------------------ embedded GGUF

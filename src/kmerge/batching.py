@@ -242,12 +242,14 @@ def compress_batch(
     if max_positions is not None:
         for i, (length, prompt) in enumerate(zip(lengths, prompt_ids)):
             if length + reserve > max_positions:
-                raise KMergeDataError(
+                err = KMergeDataError(
                     f"example {i} needs {length + reserve} positions ({len(prompt)} prompt "
                     f"tokens -> {n_blocks[i]} prompt positions at K={k}, + "
                     f"{length - n_blocks[i]} answer tokens + {reserve} to generate) but the "
                     f"model's context is {max_positions}"
                 )
+                err.index = i  # which prompt of the batch (tasks.base.name_example)
+                raise err
 
     device = embed.weight.device
     block_embeds = embed(block_ids.to(device))  # [B, N, W, H]

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from kmerge.io import atomic_write_text
 from kmerge.modeling import KMergeConfig
 from kmerge.reporting import markdown_table
 from kmerge.training import TrainConfig, train
@@ -59,7 +60,9 @@ def run_demo(
     output_dir.mkdir(parents=True, exist_ok=True)
     rows = []
     for cfg in demo_configs(ks, **overrides):
-        cfg = dataclasses.replace(cfg, output_dir=str(output_dir / f"k{cfg.model.k}"))
+        # The demo's own sub-directories: a second demo into the same folder replaces them.
+        run_dir = output_dir / f"k{cfg.model.k}"
+        cfg = dataclasses.replace(cfg, output_dir=str(run_dir), overwrite=True)
         result = train(cfg)  # ends with an evaluation on the full held-out set
         final = result.final_eval
         rows.append(
@@ -91,6 +94,6 @@ def run_demo(
         },
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
-    (output_dir / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
+    atomic_write_text(output_dir / "results.json", json.dumps(summary, indent=2) + "\n")
     print(f"\nresults written to {output_dir / 'results.json'}")
     return rows

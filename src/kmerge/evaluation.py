@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from kmerge.errors import KMergeConfigError, KMergeDataError
 from kmerge.metrics import (
     exact_match,
     length_reduction,
@@ -28,6 +29,7 @@ from kmerge.metrics import (
 )
 from kmerge.modeling import KMergeModel
 from kmerge.tasks import Example, Task
+from kmerge.tasks.base import name_example
 
 __all__ = ["evaluate", "merge_shards", "normalise_answer", "shard_indices"]
 
@@ -74,6 +76,10 @@ def evaluate(
     """
     if not examples:
         raise ValueError("evaluate needs at least one example")
+    if batch_size < 1:
+        raise KMergeConfigError(f"batch_size must be >= 1, got {batch_size}")
+    if max_new_tokens is not None and max_new_tokens < 1:
+        raise KMergeConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     metrics = task.metrics if task else ("accuracy",)
     choices = task.answer_choices if task else None
     if set(CHOICE_METRICS) & set(metrics) and not choices:
@@ -96,10 +102,13 @@ def evaluate(
     try:
         for i in tqdm(batches, desc=f"eval K={model.k}", disable=not progress, leave=False):
             generate = max(0, min(batch_size, n_generate - i))
-            _fill_records(
-                model, examples[i : i + batch_size], records[i : i + batch_size],
-                metrics, choices, generate, max_new_tokens, synced, k,
-            )  # fmt: skip
+            try:
+                _fill_records(
+                    model, examples[i : i + batch_size], records[i : i + batch_size],
+                    metrics, choices, generate, max_new_tokens, synced, k,
+                )  # fmt: skip
+            except KMergeDataError as err:  # e.g. a prompt too long: name its row
+                raise name_example(err, examples[i : i + batch_size]) from None
     finally:
         model.train(was_training)
     wall = time.perf_counter() - start

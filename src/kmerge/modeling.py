@@ -503,7 +503,15 @@ class KMergeModel(nn.Module):
         ]
         if missing:
             raise KMergeConfigError(f"checkpoint {directory} is missing {', '.join(missing)}")
-        config = KMergeConfig.from_dict(json.loads((directory / CONFIG_FILE).read_text()))
+        # Every file is read and checked before the base model loads: a damaged checkpoint
+        # fails at once, naming the file.
+        saved_config = _read_json(directory / CONFIG_FILE)
+        if not isinstance(saved_config, dict):
+            raise KMergeConfigError(f"{directory / CONFIG_FILE} does not hold a JSON object")
+        config = KMergeConfig.from_dict(saved_config)
+        _read_json(directory / ADAPTER_FILES[0])
+        _read_safetensors(directory / ADAPTER_FILES[1], tensors=False)
+        encoder_meta, encoder_state = _read_safetensors(directory / ENCODER_FILE)
         if base is None:
             if not config.base_model:
                 raise KMergeConfigError(
@@ -529,9 +537,7 @@ class KMergeModel(nn.Module):
                 f"checkpoint {directory} was trained on a different base model "
                 f"({config.base_model!r}); mismatch (saved, given): {diff}"
             )
-        with safe_open(directory / ENCODER_FILE, "pt") as f:  # one read: metadata + tensors
-            saved_k = (f.metadata() or {}).get("k")
-            encoder_state = {name: f.get_tensor(name) for name in f.keys()}
+        saved_k = encoder_meta.get("k")
         if saved_k is not None and int(saved_k) != config.k:
             raise KMergeConfigError(
                 f"checkpoint {directory}: the config says K={config.k} but the saved encoder "
@@ -551,7 +557,12 @@ class KMergeModel(nn.Module):
         encoder.load_state_dict(encoder_state)
         for p in base.parameters():
             p.requires_grad_(False)
-        peft_model = PeftModel.from_pretrained(base, directory, is_trainable=is_trainable)
+        try:
+            peft_model = PeftModel.from_pretrained(base, directory, is_trainable=is_trainable)
+        except (RuntimeError, ValueError, KeyError, OSError) as err:  # e.g. other shapes
+            raise KMergeConfigError(
+                f"checkpoint {directory}: cannot load its LoRA adapter: {_first_line(err)}"
+            ) from None
         model = cls(peft_model, encoder, tokenizer, config)
         encoder.requires_grad_(is_trainable and not config.freeze_encoder)
         return model
@@ -580,6 +591,34 @@ class KMergeModel(nn.Module):
     @property
     def lora_merged(self) -> bool:
         return any(getattr(m, "merged", False) for m in self.peft_model.modules())
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _read_json(path: Path):
+    """The JSON value in ``path``; a file that is not JSON is a one-line error naming it."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise KMergeConfigError(f"{path} is not valid JSON ({_first_line(err)})") from None
+
+
+def _read_safetensors(path: Path, tensors: bool = True) -> tuple[dict, dict]:
+    """The metadata and (with ``tensors``) the tensors of a safetensors file; a truncated or
+    foreign file (e.g. a pickle) is a one-line error naming it."""
+    try:
+        with safe_open(path, "pt") as f:  # checks the header covers the whole file
+            metadata = f.metadata() or {}
+            state = {name: f.get_tensor(name) for name in f.keys()} if tensors else {}
+    except Exception as err:  # safetensors raises its own SafetensorError, or OSError
+        raise KMergeConfigError(
+            f"{path} is not a readable safetensors file (truncated or another format?): "
+            f"{_first_line(err)}"
+        ) from None
+    return metadata, state
 
 
 def _with_prefix(state_dict: dict, prefix: str) -> dict:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -98,6 +99,35 @@ def resolve_model_path(name_or_path: str) -> str:
     return name_or_path
 
 
+# owner/name as the Hugging Face hub spells repository ids (letters, digits, - _ .)
+HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+def _offline() -> bool:
+    return any(
+        os.environ.get(name, "").strip().upper() in {"1", "ON", "YES", "TRUE"}
+        for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    )
+
+
+def _check_hub_id(name: str) -> None:
+    """Fail at once, not after the hub's retries, for a name that cannot be loaded: neither a
+    plausible hub id ``owner/name``, nor (offline) one in the local Hugging Face cache."""
+    if not HUB_ID.fullmatch(name) or ".." in name:
+        raise KMergeConfigError(
+            f"model {name!r} is neither an embedded model ({', '.join(EMBEDDED_MODELS)}), "
+            "an existing local directory, nor a hub id of the form owner/name"
+        )
+    if _offline():
+        from huggingface_hub import try_to_load_from_cache
+
+        if not isinstance(try_to_load_from_cache(name, "config.json"), str):
+            raise KMergeConfigError(
+                f"cannot load model {name!r}: it is not in the local Hugging Face cache, and "
+                "HF_HUB_OFFLINE is set, so it cannot be downloaded"
+            )
+
+
 def load_base_model(
     name_or_path: str = DEFAULT_MODEL, **from_pretrained_kwargs
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
@@ -110,11 +140,8 @@ def load_base_model(
     local = Path(path)
     if local.exists() and not (local / "config.json").is_file():
         raise KMergeConfigError(f"{path} is a local path but has no config.json")
-    if not local.exists() and (path.startswith((".", "/", "~")) or path.count("/") > 1):
-        raise KMergeConfigError(
-            f"model {name_or_path!r} is neither an embedded model ({', '.join(EMBEDDED_MODELS)}), "
-            "a local directory, nor a hub id of the form owner/name"
-        )
+    if not local.exists():
+        _check_hub_id(name_or_path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, **from_pretrained_kwargs)

@@ -19,19 +19,17 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import json
-import os
 import statistics
-import tempfile
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TextIO
 
 from kmerge.baselines import BASELINES, get_baseline
 from kmerge.errors import KMergeConfigError
 from kmerge.evaluation import evaluate
+from kmerge.io import atomic_write_bytes, atomic_write_text
 from kmerge.modeling import CONFIG_FILE, KMergeModel
 from kmerge.reporting import markdown_table
 from kmerge.training import TrainConfig, load_data, train
@@ -39,7 +37,7 @@ from kmerge.training import TrainConfig, load_data, train
 LOWER_IS_BETTER = frozenset({"perplexity"})
 MARKERS = ("o", "s", "^", "v", "D", "P", "X", "*", "<", ">", "h", "p")
 # TrainConfig fields a finished point may differ in without being a different experiment.
-IGNORED_SETTINGS = ("output_dir", "progress", "eval_every", "log_every")  # logs only
+IGNORED_SETTINGS = ("output_dir", "overwrite", "progress", "eval_every", "log_every")  # logs only
 
 
 @dataclass(frozen=True)
@@ -127,8 +125,8 @@ def run_point(cfg: SweepConfig, point: Point) -> dict:
         summary = json.loads(summary_file.read_text())
         _check_same_settings(summary.pop("train_config"), settings, summary_file)
         model = KMergeModel.from_pretrained(checkpoint)
-    else:
-        result = train(train_cfg)
+    else:  # the point's own directory: a half-finished attempt is replaced
+        result = train(dataclasses.replace(train_cfg, overwrite=True))
         model, evaluation = result.model, result.final_eval
         summary = {"train_seconds": result.train_seconds, "steps": result.steps}
         _write_json(summary_file, summary | {"train_config": settings})
@@ -255,11 +253,12 @@ CSV_COLUMNS = (
 
 
 def write_csv(path: Path, rows: list[dict]) -> None:
-    with _atomic(path) as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        for row in rows:
-            writer.writerow(row | {"seeds": " ".join(str(s) for s in row["seeds"])})
+    f = io.StringIO(newline="")
+    writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow(row | {"seeds": " ".join(str(s) for s in row["seeds"])})
+    atomic_write_text(path, f.getvalue())
 
 
 def format_table(rows: list[dict], metric: str) -> str:
@@ -323,11 +322,10 @@ def plot(
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, format="png", dpi=120)
+    image = io.BytesIO()
+    fig.savefig(image, format="png", dpi=120)
     plt.close(fig)
-    os.replace(tmp, path)
+    atomic_write_bytes(path, image.getvalue())
 
 
 # ---------------------------------------------------------------- files
@@ -348,21 +346,6 @@ def _check_same_settings(then: dict, now: dict, path: Path) -> None:
         )
 
 
-@contextmanager
-def _atomic(path: Path) -> Iterator[TextIO]:
-    """Write a text file through a temporary file in the same directory, then rename it, so a
-    crash never leaves a half-written result that a resumed sweep would trust."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            yield f
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    os.replace(tmp, path)
-
-
 def _write_json(path: Path, payload: dict) -> None:
-    with _atomic(path) as f:
-        f.write(json.dumps(payload, indent=2) + "\n")
+    """Atomically, so a crash never leaves a half-written result a resumed sweep would trust."""
+    atomic_write_text(path, json.dumps(payload, indent=2) + "\n")

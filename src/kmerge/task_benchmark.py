@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from kmerge.io import atomic_write_text
 from kmerge.metrics import p_lf1, perplexity_performance
 from kmerge.modeling import KMergeConfig
 from kmerge.reporting import markdown_table
@@ -30,7 +31,8 @@ def run_point(cfg: TrainConfig, path: Path, command: str) -> dict:
     """Train and evaluate one (task, K); store the result atomically and return it."""
     if path.is_file():
         return json.loads(path.read_text())
-    cfg = dataclasses.replace(cfg, output_dir=str(path.with_suffix("")))
+    # The point's own run directory: an unfinished attempt (no result file yet) is replaced.
+    cfg = dataclasses.replace(cfg, output_dir=str(path.with_suffix("")), overwrite=True)
     result = train(cfg)
     if result.final_eval is None:
         raise RuntimeError(f"{cfg.task}: no held-out data was evaluated")
@@ -48,10 +50,7 @@ def run_point(cfg: TrainConfig, path: Path, command: str) -> dict:
         "machine": f"{platform.machine()} {os.cpu_count()} cpus, torch {torch.__version__}",
         "date": time.strftime("%Y-%m-%d %H:%M"),
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(row, indent=2) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(row, indent=2) + "\n")
     return row
 
 

@@ -14,7 +14,8 @@ SPLITS = ("train", "test")
 
 @dataclass(frozen=True)
 class Example:
-    """One prompt and its gold answer; `meta` is for inspection only, not equality."""
+    """One prompt and its gold answer; `meta` is for inspection only, not equality. Examples
+    read from records carry their row as ``meta["where"]`` ("data.jsonl line 7")."""
 
     prompt: str
     answer: str
@@ -83,6 +84,16 @@ def sample(examples: list[Example], n: int | None, seed: int) -> list[Example]:
 
 
 ELISION = " [...] "
+
+
+def name_example(err: KMergeDataError, examples) -> KMergeDataError:
+    """``err`` about one of ``examples`` (its ``index`` attribute), naming the file and line
+    the example came from when it carries them; else ``err`` itself."""
+    index = getattr(err, "index", None)
+    if index is None or not 0 <= index < len(examples):
+        return err
+    where = examples[index].meta.get("where")
+    return KMergeDataError(f"{where}: {err}") if where else err
 
 
 def fit_prompts(

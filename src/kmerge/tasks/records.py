@@ -168,9 +168,11 @@ def convert_records(
             if isinstance(row, KMergeDataError):
                 raise row
             try:
-                examples.append(convert(row))
+                example = convert(row)
             except KMergeDataError as e:
                 raise KMergeDataError(f"{where}: {e}") from None
+            example.meta["where"] = where  # for errors found later (a prompt too long)
+            examples.append(example)
         except KMergeDataError as e:
             if not skip_bad_rows:
                 raise
