@@ -706,9 +706,20 @@ def build_parser() -> argparse.ArgumentParser:
 PATH_ERRORS = (NotADirectoryError, IsADirectoryError, FileExistsError, PermissionError)
 
 
+def _quiet_model_loading() -> None:
+    """Turn off transformers' own progress bars ("Loading weights", a blink for kmerge's
+    models), which would come before an error line; the hub's download bars stay."""
+    from transformers.utils import logging as transformers_logging
+
+    set_hook = getattr(transformers_logging, "set_tqdm_hook", None)
+    if set_hook is not None:
+        set_hook(lambda factory, args, kwargs: factory(*args, **{**kwargs, "disable": True}))
+
+
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     args.argv = sys.argv[1:] if argv is None else list(argv)  # to start it again in processes
+    _quiet_model_loading()
     try:
         args.func(args)
     except (KMergeError, FileNotFoundError, *PATH_ERRORS) as err:

@@ -855,7 +855,7 @@ def _check_output_dir(cfg: TrainConfig, out_dir: Path | None) -> None:
     if _unfinished_run_of(cfg, out_dir, names):
         return
     finished = [n for n in RUN_OUTPUTS if n in names]
-    if finished:
+    if "train_config.json" in names and finished:
         what = f"a finished run ({', '.join(finished)})"
     elif "train_config.json" in names:
         what = "another run (its train_config.json has other settings)"
