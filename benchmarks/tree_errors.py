@@ -1,0 +1,102 @@
+"""Where a model errs on the Textualized Tree: accuracy by question type and by block layout.
+
+    .venv/bin/python benchmarks/tree_errors.py runs/q/k4seg-s0/checkpoint --n 512
+
+Question types (from the tree): ``edge`` (X is Y's parent: the only "true"), ``reversed``
+(Y is X's parent), ``grandparent`` / ``grandchild`` (two levels apart on one branch),
+``siblings`` (same parent), ``other``. Layout: whether the names X and Y each sit whole inside
+one merged block of the prompt's tree part, or are cut across two blocks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import defaultdict
+
+import torch
+
+from kmerge.batching import prompt_layout
+from kmerge.evaluation import evaluate
+from kmerge.modeling import KMergeModel
+from kmerge.tasks import get_task
+
+
+def question_type(tree: str, x: str, y: str) -> str:
+    depth, parent, stack = {}, {}, []
+    for line in tree.split("\n"):
+        name = line.lstrip("+")
+        d = len(line) - len(name)
+        stack = stack[:d]
+        if stack:
+            parent[name] = stack[-1]
+        stack.append(name)
+        depth[name] = d
+    if parent.get(y) == x:
+        return "edge"
+    if parent.get(x) == y:
+        return "reversed"
+    if parent.get(parent.get(y)) == x:
+        return "grandparent"
+    if parent.get(parent.get(x)) == y:
+        return "grandchild"
+    if x in parent and parent.get(x) == parent.get(y):
+        return "siblings"
+    return "other"
+
+
+def name_cut(model: KMergeModel, prompt: str, tree: str, name: str) -> bool:
+    """True when the first occurrence of ``name`` in the tree is split across two blocks."""
+    tok = model.tokenizer
+    enc = tok(prompt, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = enc["input_ids"], enc["offset_mapping"]
+    start = prompt.index(tree) + tree.index(name)
+    chars = range(start, start + len(name))
+    tokens = [t for t, (a, b) in enumerate(offsets) if any(a <= c < b for c in chars)]
+    starts = model._segment_starts([ids])
+    protected = model._protected([prompt], [ids], None)
+    spans = prompt_layout(
+        len(ids),
+        model.k,
+        model.config.block_alignment,
+        starts[0] if starts else (),
+        protected[0] if protected else (),
+    )
+    block_of = {t: i for i, (a, b, _) in enumerate(spans) for t in range(a, b)}
+    return len({block_of[t] for t in tokens}) > 1
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("checkpoint")
+    parser.add_argument("--stage", default="small")
+    parser.add_argument("--n", type=int, default=512)
+    parser.add_argument("--k", type=int, default=None, help="evaluate at another K")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    model = KMergeModel.from_pretrained(args.checkpoint).merge_lora()
+    task = get_task("tree", stage=args.stage, n_test=args.n)
+    examples = task.examples("test")
+    result = evaluate(model, examples, task, k=args.k, progress=False)
+    groups: dict[str, list[bool]] = defaultdict(list)
+    for example, prediction in zip(examples, result["predictions"]):
+        meta = example.meta
+        hit = prediction.strip().lower() == example.answer
+        groups["type: " + question_type(meta["tree"], meta["parent"], meta["child"])].append(hit)
+        if model.k > 1:
+            cut = any(name_cut(model, example.prompt, meta["tree"], n)
+                      for n in (meta["parent"], meta["child"]))  # fmt: skip
+            groups["names " + ("cut across blocks" if cut else "each in one block")].append(hit)
+    report = {
+        "checkpoint": args.checkpoint,
+        "accuracy": result["accuracy"],
+        "compression": result["compression"],
+        "groups": {
+            g: {"n": len(v), "accuracy": sum(v) / len(v)} for g, v in sorted(groups.items())
+        },
+    }
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
