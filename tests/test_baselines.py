@@ -103,6 +103,10 @@ def test_bad_methods_and_ratios_are_one_line_errors(call, message):
 
 def test_method_model_options():
     assert get_baseline("kmerge", 4).model_options() == {"k": 4}
+    assert get_baseline("kmerge_segments", 4).model_options() == {
+        "k": 4,
+        "block_alignment": "segments",
+    }
     assert get_baseline("mean_pool", 8.0).model_options() == {"k": 8, "freeze_encoder": True}
     assert get_baseline("full", 4).model_options() == {"k": 1}  # takes no ratio
     assert get_baseline("random_drop", 2, seed=5).model_options() == {
