@@ -197,15 +197,31 @@ def small_run(tmp_path, **overrides) -> TrainConfig:
 
 
 @pytest.mark.parametrize("clock", ["wall", "cpu"])
-def test_time_budget_stops_the_run_and_shapes_the_schedule(tiny_model, tmp_path, clock):
+def test_time_budget_stops_the_run(tiny_model, tmp_path, clock):
     result = train(
         small_run(tmp_path, steps=10_000, time_budget=0.5, budget_clock=clock), tiny_model(4)
     )
     assert 1 <= result.steps < 10_000
-    assert 0.5 <= result.train_seconds < 30
-    losses = [r for r in result.history if "loss" in r]
-    assert losses[-1]["lr"] < 0.2 * losses[1]["lr"]  # cosine over the budget: near its end
+    assert 0.5 <= result.train_seconds < 60
+    lrs = [r["lr"] for r in result.history if "lr" in r][1:]  # after the warm-up step
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))  # cosine: never rises
     assert result.final_eval is not None  # the stop still evaluates
+
+
+def test_lr_schedule_follows_the_time_budget():
+    from kmerge.training import Progress, _lr_factor
+
+    cfg = TrainConfig(model=KMergeConfig(k=4), steps=1000, warmup_steps=10, time_budget=100.0)
+    progress = Progress()
+    factor = _lr_factor(cfg, 1000, lambda: progress)
+    assert factor(5) == pytest.approx(0.5)  # linear warm-up
+    assert factor(10) == pytest.approx(1.0)
+    progress.train_seconds = 50.0  # half the budget, 1% of the steps: time decides
+    assert factor(20) == pytest.approx(0.5, abs=1e-6)
+    progress.train_seconds = 100.0
+    assert factor(20) == pytest.approx(0.0, abs=1e-9)
+    progress.train_seconds = 0.0  # half the steps, no time used: steps decide
+    assert factor(505) == pytest.approx(0.5, abs=1e-6)
 
 
 def test_constant_schedule_keeps_the_lr(tiny_model, tmp_path):
@@ -362,3 +378,29 @@ def test_k_schedule_walks_the_choices_in_order(tiny_model, tmp_path):
     model.forward = spy
     train(small_run(tmp_path, steps=9, k_choices=[1, 2, 4], k_order="schedule"), model)
     assert seen == [1, 1, 1, 2, 2, 2, 4, 4, 4]
+
+
+def test_jsonl_rows_can_protect_their_own_spans(tiny_model, tmp_path):
+    from kmerge.tasks.base import example_protect_spans
+
+    rows = [
+        {"prompt": "Context: one two three four five. Question: which?", "answer": "five",
+         "protect": "Question: which?"},
+        {"prompt": "Context: six seven eight nine ten. Question: which?", "answer": "ten"},
+    ]  # fmt: skip
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    task = get_task("jsonl", train_file=str(path), eval_file=str(path))
+    examples = sorted(task.examples("test"), key=lambda e: e.answer)
+    spans = example_protect_spans(examples)
+    start = rows[0]["prompt"].index("Question")
+    assert spans == [[(start, start + len("Question: which?"))], []]
+    model = tiny_model(4)
+    batch = model.prepare([e.prompt for e in examples], protect=spans)
+    assert batch.raw_positions[0] >= 3 and batch.raw_positions[1] == 0
+    result = evaluate(model, examples, task, progress=False)  # the spans reach evaluation
+    assert result["mean_positions_fed"] == pytest.approx(sum(batch.positions_fed) / 2)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "abc", "answer": "x", "protect": "zzz"}) + "\n")
+    with pytest.raises(KMergeDataError, match="'zzz' does not occur in the prompt"):
+        get_task("jsonl", train_file=str(bad)).examples("train")

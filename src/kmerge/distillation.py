@@ -82,11 +82,13 @@ class Distiller:
         prompts: Sequence[str],
         answers: Sequence[str],
         k: int | None = None,
+        protect: Sequence[Sequence[tuple[int, int]]] | None = None,
     ) -> DistillResult:
         started = time.perf_counter()
         teacher = self._teacher_states(student, prompts, answers)
         teacher_seconds = time.perf_counter() - started
-        own = student.answer_states(student.prepare(prompts, answers, k=k), self.hidden_weight > 0)
+        batch = student.prepare(prompts, answers, k=k, protect=protect)
+        own = student.answer_states(batch, self.hidden_weight > 0)
         loss = own.output.loss
         kl = hidden = torch.zeros((), device=loss.device)
         if self.kl_weight:

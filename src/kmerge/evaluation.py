@@ -29,7 +29,7 @@ from kmerge.metrics import (
 )
 from kmerge.modeling import KMergeModel
 from kmerge.tasks import Example, Task
-from kmerge.tasks.base import name_example
+from kmerge.tasks.base import example_protect_spans, name_example
 
 __all__ = ["evaluate", "merge_shards", "normalise_answer", "shard_indices"]
 
@@ -142,18 +142,24 @@ def _fill_records(
     """Run the passes the metrics need on one batch; write each example's results in ``rows``
     (prediction only for the first ``generate`` examples)."""
     prompts = [e.prompt for e in chunk]
+    protect = example_protect_spans(chunk)
     if "perplexity" in metrics:
-        nll, counts = _answer_nll(model, prompts, [e.answer for e in chunk], k)
+        nll, counts = _answer_nll(model, prompts, [e.answer for e in chunk], k, protect)
         for row, value, count in zip(rows, nll, counts):
             row |= {"nll": value, "answer_tokens": count}
     if set(CHOICE_METRICS) & set(metrics):
-        scores = {c: _answer_nll(model, prompts, [c] * len(chunk), k)[0] for c in choices}
+        scores = {c: _answer_nll(model, prompts, [c] * len(chunk), k, protect)[0] for c in choices}
         for j, row in enumerate(rows):
             row["choice"] = min(choices, key=lambda c: scores[c][j])
-    batch = model.prepare(prompts, reserve=max_new_tokens or 0, k=k)
+    batch = model.prepare(prompts, reserve=max_new_tokens or 0, k=k, protect=protect)
     if generate:
         if generate < len(chunk):
-            batch_to_generate = model.prepare(prompts[:generate], reserve=max_new_tokens, k=k)
+            batch_to_generate = model.prepare(
+                prompts[:generate],
+                reserve=max_new_tokens,
+                k=k,
+                protect=protect[:generate] if protect else None,
+            )
         else:
             batch_to_generate = batch
         ids = model.generate_ids(
@@ -188,10 +194,14 @@ def merge_shards(gathered: list[tuple[int, dict]]) -> list[dict]:
 
 
 def _answer_nll(
-    model: KMergeModel, prompts: list[str], answers: list[str], k: int | None = None
+    model: KMergeModel,
+    prompts: list[str],
+    answers: list[str],
+    k: int | None = None,
+    protect: list | None = None,
 ) -> tuple[list[float], list[int]]:
     """Per example: the summed negative log-likelihood of its answer tokens, and their count."""
-    out = model.loss(model.prepare(prompts, answers, k=k))
+    out = model.loss(model.prepare(prompts, answers, k=k, protect=protect))
     counts = out.answer_tokens.tolist()
     return (out.example_losses * out.answer_tokens).tolist(), counts
 

@@ -368,10 +368,14 @@ class KMergeModel(nn.Module):
 
     # ---------------------------------------------------------------- training / scoring
     def forward(
-        self, prompts: Sequence[str], answers: Sequence[str], k: int | None = None
+        self,
+        prompts: Sequence[str],
+        answers: Sequence[str],
+        k: int | None = None,
+        protect: Sequence[Sequence[tuple[int, int]]] | None = None,
     ) -> KMergeOutput:
         """Loss over answer tokens only (prompt positions never get logits)."""
-        return self.loss(self.prepare(prompts, answers, k=k))
+        return self.loss(self.prepare(prompts, answers, k=k, protect=protect))
 
     def loss(self, batch: CompressedBatch) -> KMergeOutput:
         return self.answer_states(batch).output

@@ -47,7 +47,7 @@ from kmerge.evaluation import evaluate, merge_shards, shard_indices
 from kmerge.io import atomic_write_text
 from kmerge.modeling import KMergeConfig, KMergeModel
 from kmerge.tasks import Example, Task, get_task
-from kmerge.tasks.base import fit_prompts, name_example
+from kmerge.tasks.base import example_protect_spans, fit_prompts, name_example
 from kmerge.tasks.files import FileTask
 from kmerge.tasks.tree import STAGES
 
@@ -603,14 +603,18 @@ class _Trainer:
             batch = next(batches)
             with acc.accumulate(self.model):
                 prompts, answers = [e.prompt for e in batch], [e.answer for e in batch]
+                protect = example_protect_spans(batch)
                 try:
                     if self.distiller is not None:
                         model = acc.unwrap_model(self.model)
-                        result = self.distiller(model, prompts, answers, k)
+                        result = self.distiller(model, prompts, answers, k, protect)
                         self.progress.teacher_seconds += result.teacher_seconds
                         total = result.loss
                     else:
-                        total = self.model(prompts, answers, **({"k": k} if k else {})).loss
+                        options = {"k": k} if k else {}
+                        if protect:
+                            options["protect"] = protect
+                        total = self.model(prompts, answers, **options).loss
                 except KMergeDataError as err:  # e.g. a prompt too long: name its row
                     raise name_example(err, batch) from None
                 loss = acc.reduce(total.detach(), "mean").item()  # the same on every process

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from kmerge.errors import KMergeDataError
@@ -81,6 +82,20 @@ def sample(examples: list[Example], n: int | None, seed: int) -> list[Example]:
     order = list(examples)
     random.Random(seed).shuffle(order)
     return order[:n]
+
+
+def example_protect_spans(examples: Sequence[Example]) -> list[list[tuple[int, int]]] | None:
+    """Per example, the character spans of the texts its data row marks as protected
+    (``meta["protect"]``, a row's ``protect`` field) in its prompt as it is now (a text cut away
+    by ``fit_prompts`` protects nothing); None when no example has any."""
+    import re
+
+    spans = [
+        [m.span() for text in e.meta.get("protect") or [] for m in re.finditer(re.escape(text),
+                                                                             e.prompt)]
+        for e in examples
+    ]  # fmt: skip
+    return spans if any(spans) else None
 
 
 ELISION = " [...] "

@@ -7,6 +7,7 @@ The prompt is one field (``prompt_field``) or a template over the row's fields
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -25,6 +26,23 @@ from kmerge.tasks.records import (
 METRICS = ("accuracy", "choice_accuracy", "macro_f1", "perplexity", "edit_similarity")
 
 
+def protect_spans(prompt: str, protect: object) -> list[tuple[int, int]]:
+    """Character spans of every occurrence in ``prompt`` of a row's ``protect`` text (a string
+    or a list of strings): the parts that stay ordinary tokens (KMergeModel.prepare)."""
+    texts = [protect] if isinstance(protect, str) else protect
+    if not isinstance(texts, list) or not all(isinstance(t, str) and t for t in texts):
+        raise KMergeDataError(
+            f"field 'protect' must be a non-empty string or a list of them, got {protect!r}"
+        )
+    spans = []
+    for text in texts:
+        found = [m.span() for m in re.finditer(re.escape(text), prompt)]
+        if not found:
+            raise KMergeDataError(f"protect text {text!r} does not occur in the prompt")
+        spans += found
+    return spans
+
+
 def row_converter(
     prompt_field: str = "prompt", answer_field: str = "answer", prompt_template: str | None = None
 ):
@@ -37,6 +55,10 @@ def row_converter(
             prompt = text_field(row, prompt_field)
         answer = text_field(row, answer_field)
         meta = {k: v for k, v in row.items() if k not in (prompt_field, answer_field)}
+        if row.get("protect") not in (None, ""):
+            protect_spans(prompt, row["protect"])  # every text must occur in the prompt
+            protect = row["protect"]
+            meta["protect"] = [protect] if isinstance(protect, str) else list(protect)
         return Example(prompt, answer, meta)
 
     return convert
