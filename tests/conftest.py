@@ -16,8 +16,22 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from transformers import (  # noqa: E402
     AutoTokenizer,
+    CohereConfig,
+    CohereForCausalLM,
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
+    GPT2Config,
+    GPT2LMHeadModel,
+    GraniteConfig,
+    GraniteForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Phi3Config,
+    Phi3ForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
 )
@@ -58,8 +72,66 @@ def tokenizer():
     return tok
 
 
+#: Tiny base architectures: name -> (config class, causal LM class, what differs from the
+#: defaults so that the family's own features matter at 2 layers and short prompts).
+TINY_ARCHS = {
+    "llama": (LlamaConfig, LlamaForCausalLM, {}),
+    "qwen2": (Qwen2Config, Qwen2ForCausalLM, {}),
+    # Mistral: sliding-window attention over every layer.
+    "mistral": (MistralConfig, MistralForCausalLM, {"head_dim": 8, "sliding_window": 4}),
+    # Phi-3: fused qkv / gate_up projections, partial rotary embedding.
+    "phi3": (
+        Phi3Config,
+        Phi3ForCausalLM,
+        {"pad_token_id": 0, "partial_rotary_factor": 0.5, "original_max_position_embeddings": 256},
+    ),
+    # Gemma 3 (text only): embeddings scaled by sqrt(hidden) inside the embedding module, tied
+    # head, one sliding-window layer (window 4) and one global layer, q/k norms.
+    "gemma3": (
+        Gemma3TextConfig,
+        Gemma3ForCausalLM,
+        {
+            "head_dim": 8,
+            "query_pre_attn_scalar": 8,
+            "sliding_window": 4,
+            "layer_types": ["sliding_attention", "full_attention"],
+        },
+    ),
+    # Gemma 2: soft-capped LM head (a cap small enough to change tiny logits) and attention.
+    "gemma2": (
+        Gemma2Config,
+        Gemma2ForCausalLM,
+        {
+            "head_dim": 8,
+            "query_pre_attn_scalar": 8,
+            "sliding_window": 4,
+            "layer_types": ["sliding_attention", "full_attention"],
+            "final_logit_softcapping": 0.5,
+            "attn_logit_softcapping": 5.0,
+        },
+    ),
+    # Cohere: logits multiplied by logit_scale; parallel attention/MLP blocks, tied head.
+    "cohere": (
+        CohereConfig,
+        CohereForCausalLM,
+        {"logit_scale": 8.0, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2},
+    ),
+    # Granite: logits divided by logits_scaling, embeddings multiplied inside the model.
+    "granite": (
+        GraniteConfig,
+        GraniteForCausalLM,
+        {"logits_scaling": 0.125, "embedding_multiplier": 3.0, "residual_multiplier": 0.5},
+    ),
+    # GPT-2: learned absolute positions, Conv1D projections (no rotary embedding, no GQA).
+    "gpt2": (GPT2Config, GPT2LMHeadModel, {"bos_token_id": 0, "eos_token_id": 0}),
+}
+
+
 def tiny_config(vocab_size: int, arch: str = "llama", **overrides):
-    """A 2-layer, 32-wide config of the given architecture ("llama" or "qwen2")."""
+    """A 2-layer, 32-wide config of the given architecture (a key of ``TINY_ARCHS``)."""
+    if arch not in TINY_ARCHS:
+        raise ValueError(f"unknown tiny architecture {arch!r}")
+    config_cls, _, family = TINY_ARCHS[arch]
     kwargs = dict(
         vocab_size=vocab_size,
         hidden_size=32,
@@ -70,20 +142,16 @@ def tiny_config(vocab_size: int, arch: str = "llama", **overrides):
         max_position_embeddings=256,
         attn_implementation="eager",
     )
+    kwargs.update(family)
     kwargs.update(overrides)
-    if arch == "llama":
-        return LlamaConfig(**kwargs)
-    if arch == "qwen2":
-        return Qwen2Config(**kwargs)
-    raise ValueError(f"unknown tiny architecture {arch!r}")
+    return config_cls(**kwargs)
 
 
 def build_tiny_base(vocab_size: int, seed: int = 0, arch: str = "llama", **overrides):
     """A randomly initialised tiny causal LM; the same seed gives identical weights."""
     config = tiny_config(vocab_size, arch, **overrides)
     torch.manual_seed(seed)
-    cls = LlamaForCausalLM if arch == "llama" else Qwen2ForCausalLM
-    return cls(config).eval()
+    return TINY_ARCHS[arch][1](config).eval()
 
 
 @pytest.fixture

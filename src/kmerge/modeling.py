@@ -36,7 +36,7 @@ from kmerge.batching import (
 )
 from kmerge.encoder import MergeEncoder, check_k
 from kmerge.errors import KMergeConfigError
-from kmerge.models import DEFAULT_MODEL, load_base_model
+from kmerge.models import DEFAULT_MODEL, check_causal_lm, lm_logits, load_base_model
 
 CONFIG_FILE = "kmerge_config.json"
 ENCODER_FILE = "encoder.safetensors"
@@ -193,6 +193,7 @@ class KMergeModel(nn.Module):
             config.base_model = getattr(base, "name_or_path", "") or ""
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
+        check_causal_lm(base)
         for p in base.parameters():
             p.requires_grad_(False)
         config.base_fingerprint = base_fingerprint(base)
@@ -392,10 +393,11 @@ class KMergeModel(nn.Module):
             use_cache=False,
             output_hidden_states=layers,
         )
-        # Position t predicts token t + 1: apply the LM head only where t + 1 is an answer token.
+        # Position t predicts token t + 1: apply the LM head only where t + 1 is an answer token
+        # (with whatever scaling or soft-capping the base model's forward puts after its head).
         targets = batch.labels[:, 1:]
         where = targets != IGNORE_INDEX
-        logits = self.lm.get_output_embeddings()(out.last_hidden_state[:, :-1][where])
+        logits = lm_logits(self.lm, out.last_hidden_state[:, :-1][where])
         token_losses = F.cross_entropy(logits.float(), targets[where], reduction="none")
         rows = where.nonzero()[:, 0]
         counts = where.sum(dim=1)
@@ -530,6 +532,7 @@ class KMergeModel(nn.Module):
             raise KMergeConfigError("from_pretrained with a model object also needs its tokenizer")
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
+        check_causal_lm(base)
         found = base_fingerprint(base)
         if config.base_fingerprint and found != config.base_fingerprint:
             diff = {

@@ -9,12 +9,14 @@ safetensors so later loads take a second instead of half a minute. Any other nam
 from __future__ import annotations
 
 import importlib.metadata
+import inspect
 import os
 import re
 import shutil
 import tempfile
 from pathlib import Path
 
+import torch
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -148,6 +150,13 @@ def load_base_model(
     except OSError as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise KMergeConfigError(f"cannot load model {name_or_path!r}: {first}") from None
+    except ValueError as err:
+        if "Unrecognized configuration class" not in str(err):
+            raise
+        raise KMergeConfigError(
+            f"cannot load model {name_or_path!r}: it is not a causal LM (transformers has no "
+            "causal LM class for its model type); kmerge needs a decoder-only model"
+        ) from None
     if tokenizer.pad_token_id is None:
         # Padding positions are always masked, so any id works; EOS is the usual choice.
         tokenizer.pad_token = tokenizer.eos_token
@@ -155,3 +164,109 @@ def load_base_model(
     model.name_or_path = model.config.name_or_path = name_or_path
     model.eval()
     return model, tokenizer
+
+
+# ---------------------------------------------------------------- the base model's head
+def _text_config(lm: PreTrainedModel):
+    """The config holding the language model's settings (a multimodal model nests it)."""
+    config = lm.config
+    get = getattr(config, "get_text_config", None)
+    return get() if callable(get) else config
+
+
+def lm_logits(lm: PreTrainedModel, hidden: torch.Tensor) -> torch.Tensor:
+    """The logits ``lm``'s own forward computes from its decoder's final hidden states: its
+    LM head, then what the family applies after the head (Cohere's ``logit_scale``, Granite's
+    ``logits_scaling``, Gemma 2/3's ``final_logit_softcapping``), in that family's order."""
+    config = _text_config(lm)
+    logits = lm.get_output_embeddings()(hidden)
+    scale = getattr(config, "logit_scale", None)
+    if scale is not None:
+        logits = logits * scale
+    divisor = getattr(config, "logits_scaling", None)
+    if divisor is not None:
+        logits = logits / divisor
+    cap = getattr(config, "final_logit_softcapping", None)
+    if cap is not None:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
+#: Token ids of the probe :func:`check_causal_lm` feeds (taken modulo the vocabulary size).
+_PROBE_IDS = (3, 1, 4, 1, 5, 9, 2, 6)
+
+
+def check_causal_lm(lm) -> None:
+    """Refuse, in one line, a base model that KMergeModel cannot wrap faithfully.
+
+    It must be a decoder-only causal LM with an input embedding table, a decoder
+    (``get_decoder()``) that takes ``inputs_embeds`` and ``position_ids``, and an LM head; and
+    its decoder followed by :func:`lm_logits` must give the logits of its own forward pass
+    (checked on a few tokens), so that the loss, which applies the head only at answer
+    positions, is the base model's loss. An unknown transformation after the head is refused
+    here rather than trained against silently."""
+    name = type(lm).__name__
+    config = getattr(lm, "config", None)
+    model_type = getattr(config, "model_type", "?")
+    what = f"base model {name} (model type {model_type!r})"
+    if config is None or not all(
+        callable(getattr(lm, f, None))
+        for f in ("get_input_embeddings", "get_output_embeddings", "get_decoder")
+    ):
+        raise KMergeConfigError(
+            f"{what} is not a transformers causal LM: kmerge needs get_input_embeddings, "
+            "get_decoder and get_output_embeddings"
+        )
+    if getattr(config, "is_encoder_decoder", False):
+        raise KMergeConfigError(
+            f"{what} is an encoder-decoder model; kmerge needs a decoder-only causal LM"
+        )
+    embed, head = lm.get_input_embeddings(), lm.get_output_embeddings()
+    if embed is None or head is None:
+        raise KMergeConfigError(
+            f"{what} has no {'input embeddings' if embed is None else 'LM head'}; kmerge needs "
+            "a causal LM with both (e.g. an ...ForCausalLM class, not the bare ...Model)"
+        )
+    prepare = getattr(lm, "prepare_inputs_for_generation", None)
+    if prepare is None or "inputs_embeds" not in inspect.signature(prepare).parameters:
+        raise KMergeConfigError(
+            f"{what} cannot generate from input embeddings (transformers does not forward "
+            "inputs_embeds for it); for a multimodal model load its text-only causal LM class "
+            "(e.g. Gemma3ForCausalLM)"
+        )
+    was_training = lm.training
+    lm.eval()
+    try:
+        with torch.no_grad():
+            vocab = embed.weight.shape[0]
+            ids = torch.tensor([[i % vocab for i in _PROBE_IDS]], device=embed.weight.device)
+            positions = torch.arange(ids.shape[1], device=ids.device)[None]
+            mask = torch.ones_like(ids)
+            expected = lm(
+                input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False
+            ).logits
+            hidden = lm.get_decoder()(
+                inputs_embeds=embed(ids),
+                attention_mask=mask,
+                position_ids=positions,
+                use_cache=False,
+            ).last_hidden_state
+            got = lm_logits(lm, hidden)
+    except (AttributeError, TypeError, ValueError, RuntimeError, NotImplementedError) as err:
+        text = str(err).strip()
+        first = text.splitlines()[0] if text else type(err).__name__
+        raise KMergeConfigError(
+            f"{what} cannot be fed embeddings through its decoder and head: {first}"
+        ) from None
+    finally:
+        lm.train(was_training)
+    expected, got = expected.float(), got.float()
+    rel = 1e-4 if embed.weight.dtype == torch.float32 else 3e-2  # half precision: coarser
+    tol = rel * max(1.0, expected.abs().max().item())
+    diff = (got - expected).abs().max().item() if got.shape == expected.shape else float("inf")
+    if not diff <= tol:
+        raise KMergeConfigError(
+            f"{what} computes its logits in a way kmerge does not reproduce (decoder + LM head "
+            f"+ known logit scaling/soft-capping differ from its forward by {diff:.3g}); "
+            "it is not supported"
+        )

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from kmerge.baselines.base import TokenSelector, register_baseline
 from kmerge.errors import KMergeConfigError
+from kmerge.models import lm_logits
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -45,10 +46,9 @@ def token_surprisal(
             ids[i, : len(row)] = torch.as_tensor(row, device=device)
             mask[i, : len(row)] = 1
         hidden = lm.get_decoder()(input_ids=ids, attention_mask=mask).last_hidden_state
-        head = lm.get_output_embeddings()
         for i, row in enumerate(chunk):
             n = len(row) - 1  # position t predicts token t + 1
-            logprobs = F.log_softmax(head(hidden[i, :n]).float(), dim=-1)
+            logprobs = F.log_softmax(lm_logits(lm, hidden[i, :n]).float(), dim=-1)
             target = ids[i, 1 : n + 1].unsqueeze(-1)
             scores.append((-logprobs.gather(-1, target).squeeze(-1)).tolist())
     return scores
