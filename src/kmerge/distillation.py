@@ -107,4 +107,6 @@ class Distiller:
             ]
             hidden = torch.stack([d.mean() for d in per_layer]).mean()
             loss = loss + self.hidden_weight * hidden
-        return DistillResult(own.output, loss, float(kl), float(hidden), teacher_seconds)
+        return DistillResult(
+            own.output, loss, float(kl.detach()), float(hidden.detach()), teacher_seconds
+        )
