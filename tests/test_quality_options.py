@@ -17,6 +17,7 @@ from kmerge.tasks.tree import TreeTask, make_tree_examples
 from kmerge.training import TrainConfig, load_data, train
 from tests.conftest import randomise_trainables
 from tests.test_modeling import PROMPTS, answers_for, check_batch_equals_single, ragged_prompts
+from tests.test_training import small_run as training_run
 
 TREE_PROMPTS = [e.prompt for e in make_tree_examples("small", 6, 0, "test")]
 
@@ -180,20 +181,21 @@ def test_file_tasks_use_every_row_by_default(tokenizer, tmp_path):
 
 # ------------------------------------------------------------------ training options
 def small_run(tmp_path, **overrides) -> TrainConfig:
-    cfg = dict(
-        model=KMergeConfig(k=4),
-        stage="small",
-        n_eval=8,
-        steps=6,
-        batch_size=4,
-        eval_every=100,
-        log_every=1,
-        warmup_steps=1,
-        progress=False,
-        output_dir=str(tmp_path / "run"),
-    )
-    cfg.update(overrides)
-    return TrainConfig(**cfg)
+    """test_training's tiny run, on fresh trees (n_train None), without mid-run evaluations."""
+    settings = {"n_train": None, "steps": 6, "eval_every": 100} | overrides
+    return training_run(tmp_path, **settings)
+
+
+def spy_on_k(model) -> list:
+    """The K of every forward call the training loop makes, in order."""
+    seen, forward = [], model.forward
+
+    def spy(prompts, answers, k=None, **options):
+        seen.append(k)
+        return forward(prompts, answers, k=k, **options)
+
+    model.forward = spy
+    return seen
 
 
 @pytest.mark.parametrize("clock", ["wall", "cpu"])
@@ -232,14 +234,7 @@ def test_constant_schedule_keeps_the_lr(tiny_model, tmp_path):
 
 def test_several_k_trains_each_k_and_evaluates_at_each(tiny_model, tmp_path):
     model = tiny_model(4)
-    seen = []
-    forward = model.forward
-
-    def spy(prompts, answers, k=None):
-        seen.append(k)
-        return forward(prompts, answers, k=k)
-
-    model.forward = spy
+    seen = spy_on_k(model)
     train(small_run(tmp_path, steps=12, k_choices=[1, 2, 4]), model)
     assert set(seen) == {1, 2, 4}
     reloaded = KMergeModel.from_pretrained(
@@ -368,14 +363,7 @@ def test_balanced_classes_are_equally_frequent_and_deterministic():
 
 def test_k_schedule_walks_the_choices_in_order(tiny_model, tmp_path):
     model = tiny_model(4)
-    seen = []
-    forward = model.forward
-
-    def spy(prompts, answers, k=None):
-        seen.append(k)
-        return forward(prompts, answers, k=k)
-
-    model.forward = spy
+    seen = spy_on_k(model)
     train(small_run(tmp_path, steps=9, k_choices=[1, 2, 4], k_order="schedule"), model)
     assert seen == [1, 1, 1, 2, 2, 2, 4, 4, 4]
 
