@@ -26,8 +26,8 @@ class KTokenMerging(Method):
 
 @register_baseline("kmerge_segments")
 class KTokenMergingSegments(Method):
-    """K-Token Merging with segment-aligned blocks (never across a newline or comma): the
-    layout that learned fastest at equal training time here (docs/quality.md)."""
+    """K-Token Merging with segment-aligned blocks (never across a newline or comma), the
+    steadiest layout at equal training time here (docs/quality.md)."""
 
     def model_options(self) -> dict:
         return {"k": _block_size(self), "block_alignment": "segments"}
