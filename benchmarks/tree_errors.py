@@ -54,7 +54,7 @@ def name_cut(model: KMergeModel, prompt: str, tree: str, name: str) -> bool:
     chars = range(start, start + len(name))
     tokens = [t for t, (a, b) in enumerate(offsets) if any(a <= c < b for c in chars)]
     starts = model._segment_starts([ids])
-    protected = model._protected([prompt], [ids], None)
+    protected = model.protected_flags([prompt], [ids], None)
     spans = prompt_layout(
         len(ids),
         model.k,

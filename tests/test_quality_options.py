@@ -336,7 +336,7 @@ def test_protect_surprising_keeps_the_most_surprising_share_raw(tiny_model):
     scores = token_surprisal(model.lm, [ids], start)[0]
     keep = -(-len(ids) // 4)
     top = sorted(range(len(ids)), key=lambda t: (-scores[t], t))[:keep]
-    flags = model._protected([prompt], [ids], None)[0]
+    flags = model.protected_flags([prompt], [ids], None)[0]
     assert [t for t, f in enumerate(flags) if f] == sorted(top)
     assert model.prepare([prompt]).raw_positions == [keep]
     randomise_trainables(model, seed=9)

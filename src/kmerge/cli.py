@@ -420,7 +420,7 @@ def _load(args: argparse.Namespace):
     if args.checkpoint:
         model = KMergeModel.from_pretrained(args.checkpoint)
         if args.k is not None:
-            model._check_k(args.k)  # fails now, naming both K, not after loading the data
+            model.resolve_k(args.k)  # fails now, naming both K, not after loading the data
     else:
         task = _task_name_and_options(args)[0] if hasattr(args, "task") else None
         model = KMergeModel.from_base(args.base_model, _model_config(args, task))

@@ -259,9 +259,9 @@ class KMergeModel(nn.Module):
         ``k``: merge at this block size instead of the config's (1 <= k <= config.k; the
         encoder merges smaller blocks as partial ones). ``protect``: per prompt, character
         spans ``(start, end)`` to keep as ordinary tokens, on top of the config's."""
-        k = self._check_k(k)
+        k = self.resolve_k(k)
         prompt_ids = tokenize_prompts(self.tokenizer, prompts)
-        protected = self._protected(prompts, prompt_ids, protect)
+        protected = self.protected_flags(prompts, prompt_ids, protect)
         prompt_tokens = [len(ids) for ids in prompt_ids]  # measured before any compression
         if self.compressor is not None:
             prompt_ids = self.compressor.compress(prompt_ids, self)
@@ -286,7 +286,8 @@ class KMergeModel(nn.Module):
             k=k,
         )
 
-    def _check_k(self, k: int | None) -> int:
+    def resolve_k(self, k: int | None) -> int:
+        """The block size to merge at: ``k`` checked against the encoder (None: the config's)."""
         if k is None:
             return self.config.k
         check_k(k)
@@ -296,7 +297,7 @@ class KMergeModel(nn.Module):
             )
         return k
 
-    def _protected(
+    def protected_flags(
         self,
         prompts: Sequence[str],
         prompt_ids: list[list[int]],
@@ -340,9 +341,7 @@ class KMergeModel(nn.Module):
 
         if not hasattr(self, "_surprisal_scorer"):
             self._surprisal_scorer = SelfInformation(ratio=2.0)
-        scorer = self._surprisal_scorer
-        scorer.compress(prompt_ids, self)  # fills its cache
-        return [scorer._cache[tuple(ids)] for ids in prompt_ids]
+        return self._surprisal_scorer.scores(prompt_ids, self)
 
     def _segment_starts(self, prompt_ids: list[list[int]]) -> list[list[bool]] | None:
         if self.config.block_alignment != "segments":

@@ -67,6 +67,11 @@ class SelfInformation(TokenSelector):
     ) -> list[list[int]]:
         if model is None:
             raise KMergeConfigError("self_information scores tokens with the base model: pass it")
+        self.scores(prompt_ids, model)  # fills the cache that select reads
+        return super().compress(prompt_ids, model)
+
+    def scores(self, prompt_ids: Sequence[Sequence[int]], model: KMergeModel) -> list[list[float]]:
+        """Each prompt token's surprisal under the frozen base model, cached per prompt."""
         keys = list(dict.fromkeys(tuple(ids) for ids in prompt_ids))
         todo = [k for k in keys if k not in self._cache]
         if len(self._cache) + len(todo) > MAX_CACHED_PROMPTS:
@@ -74,7 +79,7 @@ class SelfInformation(TokenSelector):
             todo = keys
         if todo:
             self._cache.update(zip(todo, self._score(model, todo)))
-        return super().compress(prompt_ids, model)
+        return [self._cache[tuple(ids)] for ids in prompt_ids]
 
     def select(self, ids: list[int], keep: int) -> list[int]:
         scores = self._cache[tuple(ids)]
