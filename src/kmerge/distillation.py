@@ -13,7 +13,6 @@ cross-entropy (xRAG, arXiv 2405.13792):
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -55,9 +54,9 @@ class Distiller:
             raise KMergeConfigError("distillation weights must be >= 0")
         self.kl_weight, self.temperature, self.hidden_weight = kl_weight, temperature, hidden_weight
         self.model: KMergeModel | None = None
-        if isinstance(teacher, KMergeModel) or teacher != "base":
-            if not isinstance(teacher, KMergeModel):
-                teacher = KMergeModel.from_pretrained(teacher)
+        if isinstance(teacher, str) and teacher != "base":
+            teacher = KMergeModel.from_pretrained(teacher)
+        if isinstance(teacher, KMergeModel):
             self.model = teacher.merge_lora().eval()
             self.model.requires_grad_(False)
             if self.model.config.base_fingerprint != student.config.base_fingerprint:
@@ -72,8 +71,7 @@ class Distiller:
         with torch.no_grad():
             if self.model is not None:
                 return self.model.answer_states(self.model.prepare(prompts, answers, k=1), layers)
-            adapters_off = student.peft_model.disable_adapter()
-            with adapters_off if adapters_off is not None else contextlib.nullcontext():
+            with student.peft_model.disable_adapter():
                 return student.answer_states(student.prepare(prompts, answers, k=1), layers)
 
     def __call__(

@@ -515,8 +515,8 @@ class KMergeModel(nn.Module):
             raise KMergeConfigError(f"{directory / CONFIG_FILE} does not hold a JSON object")
         config = KMergeConfig.from_dict(saved_config)
         _read_json(directory / ADAPTER_FILES[0])
-        _read_safetensors(directory / ADAPTER_FILES[1], tensors=False)
-        encoder_meta, encoder_state = _read_safetensors(directory / ENCODER_FILE)
+        read_safetensors(directory / ADAPTER_FILES[1], tensors=False)
+        encoder_meta, encoder_state = read_safetensors(directory / ENCODER_FILE)
         if base is None:
             if not config.base_model:
                 raise KMergeConfigError(
@@ -612,7 +612,7 @@ def _read_json(path: Path):
         raise KMergeConfigError(f"{path} is not valid JSON ({_first_line(err)})") from None
 
 
-def _read_safetensors(path: Path, tensors: bool = True) -> tuple[dict, dict]:
+def read_safetensors(path: Path, tensors: bool = True) -> tuple[dict, dict]:
     """The metadata and (with ``tensors``) the tensors of a safetensors file; a truncated or
     foreign file (e.g. a pickle) is a one-line error naming it."""
     try:

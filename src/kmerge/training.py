@@ -398,18 +398,20 @@ def train(cfg: TrainConfig, model: KMergeModel | None = None) -> TrainResult:
 def warm_start(model: KMergeModel, checkpoint: str | Path) -> None:
     """Load the LoRA weights (and the encoder when its shapes match) of a saved kmerge model
     into ``model``: e.g. start K=4 from a finished K=1 run. Shapes must agree exactly."""
-    from safetensors.torch import load_file
-
-    from kmerge.modeling import ADAPTER_FILES, ENCODER_FILE
+    from kmerge.modeling import ADAPTER_FILES, ENCODER_FILE, read_safetensors
 
     directory = Path(checkpoint)
     adapter_file = directory / ADAPTER_FILES[1]
     if not adapter_file.is_file():
         raise KMergeConfigError(f"init_from: {directory} has no {ADAPTER_FILES[1]}")
-    try:
-        saved = load_file(adapter_file)
-    except Exception as err:  # a truncated or foreign file
-        raise KMergeConfigError(f"init_from: cannot read {adapter_file}: {err}") from None
+
+    def read(path: Path) -> dict:
+        try:
+            return read_safetensors(path)[1]
+        except KMergeConfigError as err:  # a truncated or foreign file: one line, named
+            raise KMergeConfigError(f"init_from: {err}") from None
+
+    saved = read(adapter_file)
     # peft saves "…lora_A.weight"; the live module holds "…lora_A.default.weight".
     own = {
         name.replace(".default", ""): param
@@ -427,10 +429,7 @@ def warm_start(model: KMergeModel, checkpoint: str | Path) -> None:
             param.copy_(saved[name].to(param.dtype))
         encoder_file = directory / ENCODER_FILE
         if encoder_file.is_file():
-            try:
-                encoder_state = load_file(encoder_file)
-            except Exception as err:  # a truncated or foreign file
-                raise KMergeConfigError(f"init_from: cannot read {encoder_file}: {err}") from None
+            encoder_state = read(encoder_file)
             own_encoder = model.encoder.state_dict()
             if encoder_state and {k: v.shape for k, v in encoder_state.items()} == {
                 k: v.shape for k, v in own_encoder.items()
@@ -450,7 +449,7 @@ def _lr_factor(cfg: TrainConfig, total_steps: int, progress: Callable[[], Progre
         if cfg.lr_schedule == "constant":
             return 1.0
         done = run_fraction(cfg, step - warmup, total_steps - warmup, progress())
-        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * min(1.0, done))))
+        return 0.5 * (1.0 + math.cos(math.pi * done))
 
     return factor
 
