@@ -186,8 +186,9 @@ def test_without_checkpoints_sigint_interrupts_at_once(tiny_model, tmp_path):
     with pytest.raises(KeyboardInterrupt):
         train(small_run(tmp_path, steps=50, save_every=0), model=model)
     assert not (tmp_path / "run" / "checkpoints").exists()
-    with pytest.raises(KMergeConfigError, match="need an output_dir"):
-        small_run(tmp_path, save_every=1, output_dir=None)
+    with pytest.raises(KMergeConfigError, match="resume needs the output_dir"):
+        small_run(tmp_path, resume=True, output_dir=None)
+    assert small_run(tmp_path, save_every=1, output_dir=None).checkpoint_every == 0  # no folder
 
 
 def test_nan_loss_stops_naming_the_step_and_keeps_the_good_checkpoints(

@@ -179,6 +179,18 @@ CASES = [
      ["mine", "already holds other files (notes.txt, results.json)", "--overwrite"]),
     ("resume and overwrite", lambda s, t: s.train_argv(t / "out", "--resume", "--overwrite"),
      ["resume or overwrite, not both"]),
+    ("model flags with a checkpoint",
+     lambda s, t: ["generate", "--checkpoint", str(s.checkpoint), "--lora-r", "4",
+                   "--block-alignment", "end", "--prompt", "x"],
+     ["--lora-r, --block-alignment cannot apply with --checkpoint", "only --k"]),
+    ("protect query with a checkpoint",
+     lambda s, t: ["eval", "--checkpoint", str(s.checkpoint), "--protect-query"],
+     ["--protect-query cannot apply with --checkpoint"]),
+    ("bad comma list", lambda s, t: s.train_argv(t / "out", "--k-choices", "1,x"),
+     ["--k-choices takes comma-separated numbers, got '1,x'"]),
+    ("K above the checkpoint's",
+     lambda s, t: ["generate", "--checkpoint", str(s.checkpoint), "--k", "8", "--prompt", "x"],
+     ["8", "4"]),
 ]  # fmt: skip
 
 

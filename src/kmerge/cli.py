@@ -7,6 +7,7 @@ with one line ``kmerge: error: ...`` and exit status 2, never a traceback.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shlex
@@ -15,127 +16,54 @@ import sys
 from pathlib import Path
 
 from kmerge.errors import KMergeConfigError, KMergeError
-from kmerge.models import DEFAULT_MODEL
+from kmerge.options import add_options, flag, given
+
+PROTECT_FIELDS = ("protect_pattern", "protect_last", "protect_surprising")
+# What each subcommand takes of TrainConfig: the data to read (eval) and the sweep's budget.
+DATA_FIELDS = ("task", "stage", "seed", "n_eval", "max_prompt_tokens")
+# (a sweep's seeds are its own --seeds)
+SWEEP_FIELDS = ("task", "stage", "n_eval", "max_prompt_tokens", "n_train", "steps", "batch_size",
+                "lr", "warmup_steps")  # fmt: skip
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("model")
-    g.add_argument("--base-model", default=DEFAULT_MODEL, help="embedded name, hub id or local dir")
-    g.add_argument(
-        "-k",
-        "--k",
-        type=int,
-        default=None,
-        help="block size K (1 = uncompressed; default 4). With --checkpoint: merge at this K, at "
-        "most the checkpoint's (for a model trained with --k-choices)",
-    )
-    g.add_argument("--lora-r", type=int, default=8)
-    g.add_argument("--lora-alpha", type=int, default=16)
-    g.add_argument("--lora-dropout", type=float, default=0.0)
-    g.add_argument("--encoder-layers", type=int, default=2)
-    g.add_argument("--encoder-hidden-size", type=int, default=None)
-    g.add_argument(
-        "--block-alignment",
-        choices=("start", "end", "segments"),
-        default="start",
-        help="how prompts are cut into blocks (see KMergeConfig)",
-    )
-    g.add_argument("--encoder-input-norm", action="store_true")
-    g.add_argument("--prepend-bos", action="store_true")
-    g.add_argument(
-        "--merge-norm",
-        choices=("mean", "token"),
-        default="mean",
-        help="token: rescale each block mean to its tokens' mean norm",
-    )
+def _add_model_args(p: argparse.ArgumentParser, *, for_checkpoint: bool = False) -> None:
+    from kmerge.modeling import KMergeConfig
+
+    g = p.add_argument_group("model (KMergeConfig)")
+    k_help = None
+    if for_checkpoint:
+        k_help = {
+            "k": "block size K (default 4). With --checkpoint: merge at this K, at most the "
+            "checkpoint's (for a model trained with --k-choices); the other model flags then "
+            "do not apply"
+        }
+    add_options(g, KMergeConfig, skip=PROTECT_FIELDS, help=k_help)
     g = p.add_argument_group("protected spans: prompt tokens fed unmerged (counted as positions)")
     g.add_argument(
         "--protect-query",
         action="store_true",
         help="keep the task's question as ordinary tokens (the task's query_pattern)",
     )
-    g.add_argument("--protect-pattern", default=None, help="regular expression; matches stay raw")
-    g.add_argument("--protect-last", type=int, default=0, help="the last N prompt tokens stay raw")
-    g.add_argument(
-        "--protect-surprising",
-        type=float,
-        default=0.0,
-        help="share of each prompt's tokens, the most surprising to the base model, kept raw",
-    )
+    add_options(g, KMergeConfig, only=PROTECT_FIELDS)
 
 
-def _add_data_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("data")
-    g.add_argument(
-        "--task",
-        default=None,
-        help="tree (default), amazon_reviews, commitpackft, jsonl or csv "
-        "(default with --train-file/--eval-file: from the file name)",
-    )
-    g.add_argument("--stage", default="small", help="tree stage")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--n-eval", type=int, default=128, help="held-out examples")
-    g.add_argument(
-        "--max-prompt-tokens",
-        type=int,
-        default=None,
-        help="shorten longer prompts to their head and tail (the count is reported)",
-    )
-    g = p.add_argument_group("task options (each only for the tasks that take it)")
-    g.add_argument(
-        "--data-dir",
-        default=None,
-        help="local *train* / *test* files (amazon_reviews, commitpackft); "
-        "default: the Hugging Face hub",
-    )
-    g.add_argument("--category", default=None, help="amazon_reviews: hub review category")
-    g.add_argument("--language", default=None, help="commitpackft: language")
-    g.add_argument(
-        "--max-file-chars",
-        type=int,
-        default=None,
-        help="commitpackft: leave out commits whose old or new file is longer",
-    )
-    g.add_argument("--train-file", default=None, help="jsonl/csv: training rows")
-    g.add_argument("--eval-file", default=None, help="jsonl/csv: held-out rows")
-    g.add_argument("--prompt-field", default=None, help='jsonl/csv (default "prompt")')
-    g.add_argument("--answer-field", default=None, help='jsonl/csv (default "answer")')
-    g.add_argument(
-        "--prompt-template",
-        default=None,
-        help='jsonl/csv: e.g. "Review: {text}, Label:" (row fields in braces)',
-    )
-    g.add_argument(
-        "--answer-choices",
-        default=None,
-        help="jsonl/csv: comma-separated labels (adds choice accuracy, macro-F1)",
-    )
-    g.add_argument("--metrics", default=None, help="jsonl/csv: comma-separated metric names")
-    g.add_argument(
-        "--skip-bad-rows",
-        action="store_true",
-        help="skip and count malformed rows instead of stopping at the first",
-    )
+def _add_data_args(p: argparse.ArgumentParser, fields: tuple[str, ...] = DATA_FIELDS) -> None:
+    from kmerge.tasks.options import TaskOptions
+    from kmerge.training import TrainConfig
 
-
-TASK_OPTIONS = (
-    "data_dir", "category", "language", "max_file_chars", "train_file", "eval_file",
-    "prompt_field", "answer_field", "prompt_template", "answer_choices", "metrics",
-)  # fmt: skip
+    add_options(p.add_argument_group("data"), TrainConfig, only=fields)
+    add_options(p.add_argument_group("task options (each only for the tasks that take it)"),
+                TaskOptions)  # fmt: skip
 
 
 def _task_name_and_options(args: argparse.Namespace) -> tuple[str, dict]:
     """The task named by --task (or implied by --train-file/--eval-file) and the task options
     the user set; a task that does not take one of them says so (see get_task)."""
+    from kmerge.tasks.options import TaskOptions
     from kmerge.tasks.records import file_format
 
-    options = {k: getattr(args, k) for k in TASK_OPTIONS if getattr(args, k) is not None}
-    for key in ("answer_choices", "metrics"):
-        if key in options:
-            options[key] = [v.strip() for v in options[key].split(",") if v.strip()]
-    if args.skip_bad_rows:
-        options["skip_bad_rows"] = True
-    task = args.task
+    options = given(args, TaskOptions)
+    task = getattr(args, "task", None)
     if task is None:
         user_file = options.get("train_file") or options.get("eval_file")
         task = file_format(user_file) if user_file else "tree"
@@ -143,67 +71,11 @@ def _task_name_and_options(args: argparse.Namespace) -> tuple[str, dict]:
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("training")
-    g.add_argument(
-        "--curriculum", default=None, help="comma-separated tree stages, e.g. small,xsmall"
-    )
-    g.add_argument("--gate", type=float, default=0.85)
-    g.add_argument("--final-gate", type=float, default=0.95)
-    g.add_argument(
-        "--n-train",
-        type=int,
-        default=None,
-        help="training examples (default: the tree task makes a fresh one for every example "
-        "the run uses; file tasks use every row)",
-    )
-    g.add_argument(
-        "--balance-classes",
-        action="store_true",
-        help="labelled tasks: train on every answer equally often (minority classes repeated)",
-    )
-    g.add_argument("--steps", type=int, default=300, help="optimizer steps (per curriculum stage)")
-    g.add_argument(
-        "--time-budget",
-        type=float,
-        default=None,
-        help="stop after this many seconds of optimisation (evaluation excluded); the LR "
-        "schedule follows the budget",
-    )
-    g.add_argument(
-        "--budget-clock",
-        choices=("wall", "cpu"),
-        default="wall",
-        help="cpu: this process's CPU seconds (fair when runs share the machine)",
-    )
-    g.add_argument("--lr-schedule", choices=("cosine", "constant"), default="cosine")
-    g.add_argument(
-        "--k-choices",
-        default=None,
-        help="comma-separated K values, one drawn per step (each <= --k): one model for all",
-    )
-    g.add_argument(
-        "--k-order",
-        choices=("sample", "schedule"),
-        default="sample",
-        help="schedule: walk --k-choices in order, an equal share of the run each",
-    )
-    g.add_argument(
-        "--init-from", default=None, help="warm start: LoRA (and encoder) of this checkpoint"
-    )
-    g = p.add_argument_group("distillation from an uncompressed teacher (kmerge.distillation)")
-    g.add_argument("--teacher", default=None, help='a K=1 checkpoint, or "base" (adapters off)')
-    g.add_argument("--distill-kl-weight", type=float, default=2.0)
-    g.add_argument("--distill-temperature", type=float, default=1.0)
-    g.add_argument("--distill-hidden-weight", type=float, default=0.0)
-    g.add_argument("--batch-size", type=int, default=32)
-    g.add_argument("--grad-accum", type=int, default=1)
-    g.add_argument("--lr", type=float, default=3e-4)
-    g.add_argument("--encoder-lr", type=float, default=None)
-    g.add_argument("--warmup-steps", type=int, default=20)
-    g.add_argument("--max-grad-norm", type=float, default=1.0)
-    g.add_argument("--eval-every", type=int, default=50)
-    g.add_argument("--log-every", type=int, default=10, help="steps per loss record")
-    g = p.add_argument_group("scale-out and faults (docs/distributed.md)")
+    from kmerge.training import TrainConfig
+
+    taken = ("output_dir", *DATA_FIELDS)
+    add_options(p.add_argument_group("training (TrainConfig)"), TrainConfig, skip=taken)
+    g = p.add_argument_group("scale-out (docs/distributed.md)")
     g.add_argument(
         "--num-processes",
         type=int,
@@ -211,34 +83,14 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
         help="data-parallel processes, started by accelerate's launcher (GPUs, else CPU); "
         "--batch-size is per process",
     )
-    g.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default=None)
-    g.add_argument(
-        "--gradient-checkpointing", action="store_true", help="less activation memory, slower"
-    )
-    g.add_argument(
-        "--save-every",
-        type=int,
-        default=100,
-        help="steps between resumable checkpoints in OUTPUT_DIR/checkpoints; SIGINT/SIGTERM "
-        "then write one and stop cleanly (0: no checkpoints, signals act as usual)",
-    )
-    g.add_argument("--keep-checkpoints", type=int, default=2, help="how many to keep")
-    g.add_argument(
-        "--resume", action="store_true", help="continue from the newest complete checkpoint"
-    )
-    g.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="replace what OUTPUT_DIR holds (a finished run, another run's files); without it "
-        "a non-empty OUTPUT_DIR is refused unless --resume continues an interrupted run",
-    )
 
 
 def _protect_pattern(args: argparse.Namespace, task: str | None) -> str | None:
     """--protect-pattern, or with --protect-query the task's question pattern."""
+    pattern = getattr(args, "protect_pattern", None)
     if not getattr(args, "protect_query", False):
-        return args.protect_pattern
-    if args.protect_pattern:
+        return pattern
+    if pattern:
         raise KMergeConfigError("give --protect-query or --protect-pattern, not both")
     from kmerge.tasks.base import TASKS
 
@@ -253,68 +105,27 @@ def _protect_pattern(args: argparse.Namespace, task: str | None) -> str | None:
 def _model_config(args: argparse.Namespace, task: str | None = None):
     from kmerge.modeling import KMergeConfig
 
-    return KMergeConfig(
-        k=4 if args.k is None else args.k,
-        base_model=args.base_model,
-        lora_r=args.lora_r,
-        lora_alpha=args.lora_alpha,
-        lora_dropout=args.lora_dropout,
-        encoder_layers=args.encoder_layers,
-        encoder_hidden_size=args.encoder_hidden_size,
-        block_alignment=args.block_alignment,
-        encoder_input_norm=args.encoder_input_norm,
-        prepend_bos=args.prepend_bos,
-        merge_norm=args.merge_norm,
-        protect_pattern=_protect_pattern(args, task),
-        protect_last=args.protect_last,
-        protect_surprising=args.protect_surprising,
-    )
+    values = given(args, KMergeConfig)
+    if getattr(args, "protect_query", False):
+        values["protect_pattern"] = _protect_pattern(args, task)
+    return KMergeConfig(**values)
 
 
 def _train_config(args: argparse.Namespace, **extra):
+    """The TrainConfig of the flags given; everything else keeps its default."""
     from kmerge.training import TrainConfig
 
     task, options = _task_name_and_options(args)
-    return TrainConfig(
-        model=_model_config(args, task),
-        task=task,
-        task_options=options,
-        max_prompt_tokens=args.max_prompt_tokens,
-        stage=args.stage,
-        curriculum=args.curriculum.split(",") if args.curriculum else None,
-        gate=args.gate,
-        final_gate=args.final_gate,
-        n_train=args.n_train,
-        n_eval=args.n_eval,
-        steps=args.steps,
-        batch_size=args.batch_size,
-        grad_accum=args.grad_accum,
-        lr=args.lr,
-        encoder_lr=args.encoder_lr,
-        warmup_steps=args.warmup_steps,
-        max_grad_norm=args.max_grad_norm,
-        eval_every=args.eval_every,
-        log_every=args.log_every,
-        seed=args.seed,
-        save_every=args.save_every,
-        keep_checkpoints=args.keep_checkpoints,
-        resume=args.resume,
-        overwrite=args.overwrite,
-        mixed_precision=args.mixed_precision,
-        gradient_checkpointing=args.gradient_checkpointing,
-        time_budget=args.time_budget,
-        budget_clock=args.budget_clock,
-        lr_schedule=args.lr_schedule,
-        k_choices=_numbers(args.k_choices, int, "--k-choices") if args.k_choices else None,
-        k_order=args.k_order,
-        init_from=args.init_from,
-        balance_classes=args.balance_classes,
-        teacher=args.teacher,
-        distill_kl_weight=args.distill_kl_weight,
-        distill_temperature=args.distill_temperature,
-        distill_hidden_weight=args.distill_hidden_weight,
-        **extra,
-    )
+    values = given(args, TrainConfig) | {"task": task, "task_options": options} | extra
+    return TrainConfig(model=_model_config(args, task), **values)
+
+
+def _data_settings(args: argparse.Namespace):
+    """eval and generate: the TrainConfig data settings given (model flags are _load's)."""
+    from kmerge.training import TrainConfig
+
+    task, options = _task_name_and_options(args)
+    return TrainConfig(**given(args, TrainConfig) | {"task": task, "task_options": options})
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -415,15 +226,23 @@ def _check_counts(args: argparse.Namespace, minimum: dict[str, int]) -> None:
 
 
 def _load(args: argparse.Namespace):
-    from kmerge.modeling import KMergeModel
+    from kmerge.modeling import KMergeConfig, KMergeModel
 
     if args.checkpoint:
+        fixed = [flag(name) for name in given(args, KMergeConfig) if name != "k"]
+        fixed += ["--protect-query"] if args.protect_query else []
+        if fixed:
+            raise KMergeConfigError(
+                f"{', '.join(fixed)} cannot apply with --checkpoint: the checkpoint's "
+                "settings are used (only --k may choose a smaller K)"
+            )
         model = KMergeModel.from_pretrained(args.checkpoint)
-        if args.k is not None:
+        if getattr(args, "k", None) is not None:
             model.resolve_k(args.k)  # fails now, naming both K, not after loading the data
     else:
-        task = _task_name_and_options(args)[0] if hasattr(args, "task") else None
-        model = KMergeModel.from_base(args.base_model, _model_config(args, task))
+        task = _task_name_and_options(args)[0] if hasattr(args, "stage") else None
+        config = _model_config(args, task)
+        model = KMergeModel.from_base(config.base_model, config)
     return model.merge_lora()  # inference only: one matmul per adapted layer instead of three
 
 
@@ -435,25 +254,26 @@ def cmd_eval(args: argparse.Namespace) -> None:
     _check_counts(args, {"batch_size": 1, "n_eval": 1, "max_new_tokens": 1, "generate_n": 0})
     if args.output and Path(args.output).is_dir():
         raise KMergeConfigError(f"--output {args.output} is a directory, not a file to write")
-    name, options = _task_name_and_options(args)
-    task = build_task(name, args.seed, args.stage, args.n_eval, options=options)
-    examples = task.examples("test", args.n_eval)  # bad data fails before the model loads
+    data = _data_settings(args)
+    name, options = data.task, data.task_options
+    task = build_task(name, data.seed, data.stage, data.n_eval, options=options)
+    examples = task.examples("test", data.n_eval)  # bad data fails before the model loads
     model = _load(args)
-    examples, prompts_cut = fit_prompts(examples, model.tokenizer, args.max_prompt_tokens)
+    examples, prompts_cut = fit_prompts(examples, model.tokenizer, data.max_prompt_tokens)
     result = evaluate(
         model,
         examples,
         task,
-        batch_size=args.batch_size,
+        batch_size=data.batch_size,
         max_new_tokens=args.max_new_tokens,
         generate_n=args.generate_n,
         reference_perplexity=args.reference_perplexity,
-        k=args.k if args.checkpoint else None,
+        k=getattr(args, "k", None) if args.checkpoint else None,
     )
     predictions = result.pop("predictions")
     choices = result.pop("choices", None)
     result = {
-        "task": f"{name}:{args.stage}" if name == "tree" else name,
+        "task": f"{name}:{data.stage}" if name == "tree" else name,
         **result,
         "prompts_cut": prompts_cut,
         "bad_rows_skipped": task.skipped_rows,
@@ -474,19 +294,24 @@ def cmd_generate(args: argparse.Namespace) -> None:
     kwargs = {}
     if args.do_sample:
         kwargs = {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p}
-    k = args.k if args.checkpoint else None
-    for text in model.generate(prompts, max_new_tokens=args.max_new_tokens, k=k, **kwargs):
-        print(text)
+    k = getattr(args, "k", None) if args.checkpoint else None
+    size = _data_settings(args).batch_size
+    for start in range(0, len(prompts), size):
+        batch = prompts[start : start + size]
+        for text in model.generate(batch, max_new_tokens=args.max_new_tokens, k=k, **kwargs):
+            print(text, flush=True)
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
     from kmerge.demo import run_demo
+    from kmerge.modeling import KMergeConfig
+    from kmerge.training import TrainConfig
 
-    overrides = {k: v for k, v in vars(args).items() if k in ("steps", "batch_size", "stage")}
-    overrides = {k: v for k, v in overrides.items() if v is not None}
-    if args.block_alignment:
-        overrides["model"] = {"block_alignment": args.block_alignment}
-    ks = tuple(int(k) for k in args.ks.split(","))
+    overrides = given(args, TrainConfig)
+    overrides.pop("output_dir")  # the demo's folder; each run has its own below it
+    if given(args, KMergeConfig):
+        overrides["model"] = given(args, KMergeConfig)
+    ks = tuple(_numbers(args.ks, int, "--ks"))
     run_demo(args.output_dir, ks=ks, **overrides)
 
 
@@ -498,36 +323,12 @@ def _numbers(text: str, kind: type, option: str) -> list:
 
 
 def cmd_pareto(args: argparse.Namespace) -> None:
-    from kmerge.modeling import KMergeConfig
     from kmerge.pareto import SweepConfig, run_sweep
-    from kmerge.training import TrainConfig
 
-    task, options = _task_name_and_options(args)
-    template = TrainConfig(
-        model=KMergeConfig(base_model=args.base_model),
-        task=task,
-        task_options=options,
-        max_prompt_tokens=args.max_prompt_tokens,
-        stage=args.stage,
-        n_train=args.n_train,
-        n_eval=args.n_eval,
-        steps=args.steps,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        warmup_steps=args.warmup_steps,
-        eval_every=args.steps,  # held-out evaluation only at the end: the sweep's number
-    )
-    sweep = SweepConfig(
-        train=template,
-        methods=[m.strip() for m in args.methods.split(",") if m.strip()],
-        ratios=_numbers(args.ratios, float, "--ratios"),
-        seeds=_numbers(args.seeds, int, "--seeds") if args.seeds else [args.seed],
-        tune=args.tune,
-        metric=args.metric,
-        output_dir=args.output_dir,
-        command=_command(args),
-    )
-    run_sweep(sweep)
+    template = _train_config(args)
+    # held-out evaluation only at the end: the sweep's number; --output-dir is the sweep's
+    template = dataclasses.replace(template, eval_every=template.steps, output_dir=None)
+    run_sweep(SweepConfig(train=template, **given(args, SweepConfig), command=_command(args)))
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
@@ -570,6 +371,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
 
 def _add_bench_args(p: argparse.ArgumentParser) -> None:
+    from kmerge.models import DEFAULT_MODEL
+
     g = p.add_argument_group("prefill, decode, memory, KV cache")
     g.add_argument("--base-model", default=DEFAULT_MODEL, help="embedded name, hub id or local dir")
     g.add_argument("--lengths", default="256,1024,2048,4096", help="prompt lengths in tokens")
@@ -609,6 +412,10 @@ def _add_bench_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from kmerge.modeling import KMergeConfig
+    from kmerge.pareto import SweepConfig
+    from kmerge.training import TrainConfig
+
     parser = argparse.ArgumentParser(prog="kmerge", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -616,17 +423,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     _add_data_args(p)
     _add_train_args(p)
-    p.add_argument("--output-dir", default="runs/train")
+    p.add_argument("--output-dir", default="runs/train", help="checkpoint, metrics, results")
     p.set_defaults(func=cmd_train)
 
+    per_forward = {"batch_size": "prompts per forward pass"}
     for name, func, help_text in (
         ("eval", cmd_eval, "the task's metrics and the measured compression"),
         ("generate", cmd_generate, "generate answers for prompts"),
     ):
         p = sub.add_parser(name, help=help_text)
         p.add_argument("--checkpoint", default=None, help="directory written by train")
-        _add_model_args(p)
-        p.add_argument("--batch-size", type=int, default=32)
+        _add_model_args(p, for_checkpoint=True)
+        add_options(p, TrainConfig, only=("batch_size",), help=per_forward)
         if name == "eval":
             _add_data_args(p)
             p.add_argument("--output", default=None, help="write results + predictions as JSON")
@@ -661,39 +469,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="K=4 vs uncompressed K=1 on the embedded model (CPU)")
     p.add_argument("--output-dir", default="runs/demo")
     p.add_argument("--ks", default="1,4", help="comma-separated K values to compare")
-    p.add_argument("--steps", type=int, default=None, help="override the demo's step budget")
-    p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--stage", default=None)
-    p.add_argument("--block-alignment", choices=("start", "end", "segments"), default=None)
+    demo = {"steps": "override the demo's step budget", "batch_size": "override the demo's"}
+    add_options(p, TrainConfig, only=("steps", "batch_size", "stage"), help=demo)
+    add_options(p, KMergeConfig, only=("block_alignment",))
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser(
         "pareto", help="kmerge and the baselines: quality vs measured compression, resumable"
     )
-    _add_data_args(p)
-    g = p.add_argument_group("sweep")
-    g.add_argument(
-        "--methods",
-        default="full,kmerge",
-        help="comma-separated method names (kmerge, full, mean_pool, truncate_last, random_drop, "
-        "stride_drop, self_information, meta_tokens, llmlingua2, ...)",
-    )
-    g.add_argument("--ratios", default="2,4,8", help="comma-separated target compression ratios")
-    g.add_argument("--seeds", default=None, help="comma-separated seeds (default: --seed)")
-    g.add_argument(
-        "--tune",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="LoRA-tune the token-level baselines on their compressed prompts (recorded)",
-    )
-    g.add_argument("--metric", default=None, help="y axis (default: the task's primary metric)")
-    g.add_argument("--base-model", default=DEFAULT_MODEL, help="embedded name, hub id or local dir")
-    g.add_argument("--n-train", type=int, default=2048)
-    g.add_argument("--steps", type=int, default=300, help="optimizer steps for every point")
-    g.add_argument("--batch-size", type=int, default=32)
-    g.add_argument("--lr", type=float, default=3e-4)
-    g.add_argument("--warmup-steps", type=int, default=20, help="keep it below --steps")
-    g.add_argument("--output-dir", default="runs/pareto", help="points, runs, results, plot")
+    _add_data_args(p, SWEEP_FIELDS)
+    g = p.add_argument_group("sweep (SweepConfig)")
+    add_options(g, SweepConfig)
+    add_options(g, KMergeConfig, only=("base_model",))
     p.set_defaults(func=cmd_pareto)
 
     p = sub.add_parser("bench", help="prefill, decode, memory, training and generation speed")

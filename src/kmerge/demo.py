@@ -34,6 +34,7 @@ COLUMNS = (
 DEMO_SETTINGS = dict(
     stage="small", steps=5000, time_budget=600.0, budget_clock="cpu", batch_size=32, lr=3e-4,
     n_eval=256, eval_every=50,
+    save_every=0,  # a second demo replaces the runs; nothing would resume from a checkpoint
 )  # fmt: skip
 DEMO_MODEL = dict(block_alignment="segments", lora_r=8, lora_alpha=16)
 

@@ -14,8 +14,9 @@ import re
 import shutil
 import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +38,7 @@ from kmerge.batching import (
 from kmerge.encoder import MergeEncoder, check_k
 from kmerge.errors import KMergeConfigError
 from kmerge.models import DEFAULT_MODEL, check_causal_lm, lm_logits, load_base_model
+from kmerge.options import option
 
 CONFIG_FILE = "kmerge_config.json"
 ENCODER_FILE = "encoder.safetensors"
@@ -47,40 +49,63 @@ ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 class KMergeConfig:
     """Everything needed to rebuild a KMergeModel around its base model."""
 
-    k: int = 4
-    base_model: str = DEFAULT_MODEL
-    lora_r: int = 8
-    lora_alpha: int = 16
-    lora_dropout: float = 0.0
-    lora_target_modules: str | list[str] = "all-linear"
-    encoder_hidden_size: int | None = None  # default: the base model's hidden size
-    encoder_layers: int = 2
-    encoder_input_norm: bool = False
-    prepend_bos: bool = False  # one unmerged BOS position before the merged prompt
-    block_alignment: BlockAlignment = "start"
-    segment_chars: str = "\n,"  # with block_alignment="segments": tokens starting a new block
-    answer_separator: str = " "  # put between prompt and answer (the answer is tokenised alone)
-    append_eos: bool = True
+    k: int = option(4, "block size K: tokens merged into one position (1 = uncompressed)")
+    base_model: str = option(DEFAULT_MODEL, "embedded name, hub id or local dir")
+    lora_r: int = option(8, "LoRA rank")
+    lora_alpha: int = option(16, "LoRA alpha")
+    lora_dropout: float = option(0.0, "LoRA dropout")
+    lora_target_modules: str | list[str] = option(
+        "all-linear", 'LoRA target modules: "all-linear" or comma-separated module names'
+    )
+    encoder_hidden_size: int | None = option(
+        None, "encoder MLP width (default: the base model's hidden size)"
+    )
+    encoder_layers: int = option(2, "encoder MLP layers")
+    encoder_input_norm: bool = option(
+        False, "LayerNorm the concatenated block before the encoder MLP"
+    )
+    prepend_bos: bool = option(False, "one unmerged BOS position before the merged prompt")
+    block_alignment: BlockAlignment = option(
+        "start",
+        "how prompts are cut into blocks: from the start, so the last block is partial; from "
+        "the end; or segments (a block never spans a segment_chars boundary)",
+    )
+    segment_chars: str = option("\n,", "with segments: characters whose token starts a new block")
+    answer_separator: str = option(
+        " ", "put between prompt and answer (the answer is tokenised alone)"
+    )
+    append_eos: bool = option(True, "end each training answer with EOS")
     # A token-level prompt compressor of kmerge.baselines (e.g. "random_drop"), applied to the
     # prompt ids before merging; None = the whole prompt.
-    prompt_compressor: str | None = None
-    compression_ratio: float | None = None  # its target ratio (None for ratio-less ones)
-    compressor_seed: int = 0
-    freeze_encoder: bool = False  # keep the encoder at its init, the exact block mean
-    # Rescale each block mean to its tokens' mean norm (the MLP correction comes on top).
-    merge_norm: str = "mean"  # "mean" (the paper's average init) or "token"
-    # Protected spans: prompt tokens fed as ordinary tokens, never merged. A regular
-    # expression (its matches stay raw; tasks offer their question as `query_pattern`), and/or
-    # the last N prompt tokens. Both count as positions fed in the measured compression.
-    protect_pattern: str | None = None
-    protect_last: int = 0
-    # Hybrid compression (HyCo2-like): this share of each prompt's tokens, those the frozen base
-    # model finds most surprising, stays raw; only the runs between them are merged.
-    protect_surprising: float = 0.0
-    base_fingerprint: dict = field(default_factory=dict)  # filled in by from_base
+    prompt_compressor: str | None = option(
+        None, "token-level compressor applied before merging (e.g. random_drop)"
+    )
+    compression_ratio: float | None = option(None, "the prompt compressor's target ratio")
+    compressor_seed: int = option(0, "the prompt compressor's seed")
+    freeze_encoder: bool = option(False, "keep the encoder at its init, the exact block mean")
+    merge_norm: Literal["mean", "token"] = option(
+        "mean",
+        "mean: the paper's average init; token: rescale each block mean to its tokens' mean "
+        "norm (the MLP correction comes on top)",
+    )
+    # Protected spans: prompt tokens fed as ordinary tokens, never merged. Both count as
+    # positions fed in the measured compression.
+    protect_pattern: str | None = option(
+        None,
+        "regular expression; its matches stay ordinary tokens (tasks offer their question as "
+        "query_pattern: --protect-query)",
+    )
+    protect_last: int = option(0, "the last N prompt tokens stay ordinary tokens")
+    # Hybrid compression (HyCo2-like): only the runs between the surprising tokens are merged.
+    protect_surprising: float = option(
+        0.0, "share of each prompt's tokens, the most surprising to the base model, kept raw"
+    )
+    base_fingerprint: dict = option(cli=False, default_factory=dict)  # filled in by from_base
 
     def __post_init__(self) -> None:
         check_k(self.k)
+        if isinstance(self.lora_target_modules, str) and "," in self.lora_target_modules:
+            self.lora_target_modules = [m.strip() for m in self.lora_target_modules.split(",")]
         if self.block_alignment not in ("start", "end", "segments"):
             raise KMergeConfigError(
                 "block_alignment must be 'start', 'end' or 'segments', "

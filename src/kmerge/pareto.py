@@ -23,7 +23,7 @@ import io
 import json
 import statistics
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from kmerge.baselines import BASELINES, get_baseline
@@ -31,6 +31,7 @@ from kmerge.errors import KMergeConfigError
 from kmerge.evaluation import evaluate
 from kmerge.io import atomic_write_bytes, atomic_write_text
 from kmerge.modeling import CONFIG_FILE, KMergeModel
+from kmerge.options import option
 from kmerge.reporting import markdown_table
 from kmerge.training import TrainConfig, load_data, train
 
@@ -56,15 +57,25 @@ class Point:
 class SweepConfig:
     """A sweep: ``train`` is the template run (task, data, budget, base model, LoRA)."""
 
-    train: TrainConfig = field(default_factory=TrainConfig)
-    methods: list[str] = field(default_factory=lambda: ["full", "kmerge"])
-    ratios: list[float] = field(default_factory=lambda: [2, 4, 8])
-    seeds: list[int] = field(default_factory=lambda: [0])
-    tune: bool = True  # LoRA-tune the token-level baselines (False: evaluate them zero-shot)
-    metric: str | None = None  # default: the task's primary metric
-    higher_is_better: bool | None = None  # default: False for perplexity, True otherwise
-    output_dir: str = "runs/pareto"
-    command: str | None = None  # the invocation, recorded with every point it computes
+    train: TrainConfig = option(cli=False, default_factory=TrainConfig)
+    methods: list[str] = option(
+        help="method names (kmerge, full, mean_pool, truncate_last, random_drop, stride_drop, "
+        "self_information, meta_tokens, llmlingua2, ...)",
+        default_factory=lambda: ["full", "kmerge"],
+    )
+    ratios: list[float] = option(
+        help="target compression ratios", default_factory=lambda: [2, 4, 8]
+    )
+    seeds: list[int] = option(help="one point per seed", default_factory=lambda: [0])
+    tune: bool = option(
+        True, "LoRA-tune the token-level baselines on their compressed prompts (recorded)"
+    )
+    metric: str | None = option(None, "y axis (default: the task's primary metric)")
+    higher_is_better: bool | None = option(
+        None, "default: lower is better for perplexity, higher otherwise"
+    )
+    output_dir: str = option("runs/pareto", "points, runs, results, plot")
+    command: str | None = option(None, cli=False)  # the invocation, recorded with every point
 
     def __post_init__(self) -> None:
         if not self.methods:
@@ -104,7 +115,11 @@ def point_train_config(cfg: SweepConfig, point: Point) -> TrainConfig:
     options = get_baseline(point.method, point.ratio, point.seed).model_options()
     model = dataclasses.replace(cfg.train.model, **options)
     run_dir = Path(cfg.output_dir) / "runs" / point.key
-    return dataclasses.replace(cfg.train, model=model, seed=point.seed, output_dir=str(run_dir))
+    # A half-finished point is trained again from the start (run_point), so it writes no
+    # resumable checkpoints that nothing would read.
+    return dataclasses.replace(
+        cfg.train, model=model, seed=point.seed, output_dir=str(run_dir), save_every=0
+    )
 
 
 def is_tuned(cfg: SweepConfig, point: Point) -> bool:

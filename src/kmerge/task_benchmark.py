@@ -31,8 +31,10 @@ def run_point(cfg: TrainConfig, path: Path, command: str) -> dict:
     """Train and evaluate one (task, K); store the result atomically and return it."""
     if path.is_file():
         return json.loads(path.read_text())
-    # The point's own run directory: an unfinished attempt (no result file yet) is replaced.
-    cfg = dataclasses.replace(cfg, output_dir=str(path.with_suffix("")), overwrite=True)
+    # The point's own run directory: an unfinished attempt (no result file yet) is replaced,
+    # so it writes no resumable checkpoints.
+    run_dir = str(path.with_suffix(""))
+    cfg = dataclasses.replace(cfg, output_dir=run_dir, overwrite=True, save_every=0)
     result = train(cfg)
     if result.final_eval is None:
         raise RuntimeError(f"{cfg.task}: no held-out data was evaluated")

@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 from accelerate import Accelerator
@@ -46,6 +47,7 @@ from kmerge.errors import KMergeConfigError, KMergeDataError
 from kmerge.evaluation import evaluate, merge_shards, shard_indices
 from kmerge.io import atomic_write_text
 from kmerge.modeling import KMergeConfig, KMergeModel
+from kmerge.options import option
 from kmerge.tasks import Example, Task, get_task
 from kmerge.tasks.base import example_protect_spans, fit_prompts, name_example
 from kmerge.tasks.files import FileTask
@@ -56,71 +58,101 @@ from kmerge.tasks.tree import STAGES
 class TrainConfig:
     """One training run. ``model`` configures the KMergeModel built around the base model."""
 
-    model: KMergeConfig = field(default_factory=KMergeConfig)
-    task: str = "tree"
-    stage: str = "small"  # tree stage (ignored by other tasks)
-    curriculum: list[str] | None = None  # tree stages to walk through, in order
-    gate: float = 0.85  # held-out accuracy that ends a curriculum stage
-    final_gate: float = 0.95  # ... and the last stage
-    # Task constructor options, e.g. {"data_dir": ...} or {"train_file": ..., "eval_file": ...}
-    task_options: dict = field(default_factory=dict)
-    max_prompt_tokens: int | None = None  # longer prompts keep head + tail (fit_prompts)
-    # Training examples. None: a task that generates examples (tree) makes a fresh one for
-    # every example the run consumes (no repeated epochs); file tasks use every row.
-    n_train: int | None = None
-    # Labelled tasks: draw the training examples so that every answer is equally frequent
-    # (minority classes repeated), e.g. Amazon Reviews' 85% positive.
-    balance_classes: bool = False
-    n_eval: int = 128
-    steps: int = 300  # optimizer steps (per stage in curriculum mode)
-    batch_size: int = 32  # 16 left K=4 at chance on the tree task here: docs/demo.md
-    grad_accum: int = 1
-    lr: float = 3e-4  # LoRA learning rate
-    encoder_lr: float | None = None  # default: same as lr
-    weight_decay: float = 0.0
-    warmup_steps: int = 20
-    max_grad_norm: float = 1.0
-    eval_every: int = 50
-    log_every: int = 10
-    # Stop once the optimisation time (evaluation excluded) reaches time_budget seconds, of
-    # the wall clock or of this process's CPU time ("cpu": fair when runs share the machine).
-    # The learning-rate schedule then follows the budget: cosine over whichever of steps and
-    # time is used up first.
-    time_budget: float | None = None
-    budget_clock: str = "wall"
-    lr_schedule: str = "cosine"  # or "constant" (after the linear warm-up)
-    # Several K in one model: each optimizer step merges at a K drawn from k_choices (all <=
-    # model.k); the checkpoint then serves each of them (evaluate(..., k=), kmerge eval --k).
-    k_choices: list[int] | None = None
-    # "sample": a K drawn per step from k_choices; "schedule": k_choices walked in order, each
-    # for an equal share of the run (steps or time budget, whichever runs out first), e.g.
-    # 1,2,4 moves from the plain prompt to the target K.
-    k_order: str = "sample"
-    # Warm start: the LoRA (and, when its shapes match, the encoder) of this kmerge checkpoint,
-    # e.g. a finished K=1 run, instead of fresh adapters.
-    init_from: str | None = None
-    # Distillation (kmerge.distillation): a K=1 checkpoint, or "base" (adapters off), read the
-    # plain prompt; the student also matches its answer-token distribution (KL at the
-    # temperature) and, with a hidden weight, its hidden states. One process only.
-    teacher: str | None = None
-    distill_kl_weight: float = 2.0
-    distill_temperature: float = 1.0
-    distill_hidden_weight: float = 0.0
-    seed: int = 0
-    output_dir: str | None = None
-    progress: bool = True
-    # Fault tolerance (needs output_dir): a resumable checkpoint every save_every steps, the
-    # newest keep_checkpoints kept, and one on SIGINT/SIGTERM, which then stop the run cleanly
-    # (save_every 0: no checkpoints, signals act as usual); resume continues from the newest.
-    save_every: int = 0
-    keep_checkpoints: int = 2
-    resume: bool = False
-    # An output_dir that already holds files (a finished run, another run's checkpoints, anything
-    # else) is refused unless overwrite: then kmerge's own outputs there are replaced.
-    overwrite: bool = False
-    # For GPUs: "no", "fp16" or "bf16" (None: what the accelerate launch/config says, else "no")
-    mixed_precision: str | None = None
-    gradient_checkpointing: bool = False  # recompute activations in backward: less memory
+    model: KMergeConfig = option(cli=False, default_factory=KMergeConfig)
+    task: str = option(
+        "tree",
+        "tree, amazon_reviews, commitpackft, jsonl or csv (the CLI's default with "
+        "--train-file/--eval-file: from the file name)",
+    )
+    stage: str = option("small", "tree stage (other tasks have none)")
+    curriculum: list[str] | None = option(
+        None, "tree stages walked in order, each until its gate, e.g. small,xsmall"
+    )
+    gate: float = option(0.85, "held-out accuracy that ends a curriculum stage")
+    final_gate: float = option(0.95, "... and the last stage")
+    # Task constructor options, e.g. {"data_dir": ...} (the CLI's flags: kmerge.tasks.TaskOptions)
+    task_options: dict = option(cli=False, default_factory=dict)
+    max_prompt_tokens: int | None = option(
+        None, "shorten longer prompts to their head and tail (the count is reported)"
+    )
+    n_train: int | None = option(
+        None,
+        "training examples (default: the tree task makes a fresh one for every example the "
+        "run uses, no repeated epochs; file tasks use every row)",
+    )
+    balance_classes: bool = option(
+        False,
+        "labelled tasks: train on every answer equally often (minority classes repeated)",
+    )
+    n_eval: int = option(128, "held-out examples")
+    steps: int = option(300, "optimizer steps (per stage in curriculum mode)")
+    # 16 left K=4 at chance on the tree task here: docs/demo.md
+    batch_size: int = option(32, "examples per optimizer step (per process)")
+    grad_accum: int = option(1, "gradient accumulation steps")
+    lr: float = option(3e-4, "LoRA learning rate")
+    encoder_lr: float | None = option(None, "encoder learning rate (default: --lr)")
+    weight_decay: float = option(0.0, "AdamW weight decay")
+    warmup_steps: int = option(20, "linear warm-up steps")
+    max_grad_norm: float = option(1.0, "gradient clipping norm")
+    eval_every: int = option(50, "steps between held-out evaluations")
+    log_every: int = option(10, "steps per loss record")
+    # The learning-rate schedule follows the budget: cosine over whichever of steps and time is
+    # used up first.
+    time_budget: float | None = option(
+        None,
+        "stop after this many seconds of optimisation (evaluation excluded); the LR schedule "
+        "follows the budget",
+    )
+    budget_clock: Literal["wall", "cpu"] = option(
+        "wall", "cpu: this process's CPU seconds (fair when runs share the machine)"
+    )
+    lr_schedule: Literal["cosine", "constant"] = option("cosine", "after the linear warm-up")
+    # The checkpoint then serves each K (evaluate(..., k=), kmerge eval --k).
+    k_choices: list[int] | None = option(
+        None, "several K in one model: one drawn per step from these (each <= --k)"
+    )
+    k_order: Literal["sample", "schedule"] = option(
+        "sample", "schedule: walk --k-choices in order, an equal share of the run each"
+    )
+    init_from: str | None = option(
+        None, "warm start: the LoRA (and, when shapes match, the encoder) of this checkpoint"
+    )
+    # Distillation (kmerge.distillation): the teacher reads the plain prompt; the student also
+    # matches its answer-token distribution and, with a hidden weight, its hidden states.
+    teacher: str | None = option(
+        None, 'distill from an uncompressed teacher: a K=1 checkpoint, or "base" (adapters off)'
+    )
+    distill_kl_weight: float = option(2.0, "weight of the answer-token KL to the teacher")
+    distill_temperature: float = option(1.0, "temperature of that KL")
+    distill_hidden_weight: float = option(
+        0.0, "weight of the per-layer hidden-state distance to the teacher"
+    )
+    seed: int = option(0, "seed of data, initialisation and sampling")
+    output_dir: str | None = option(None, "checkpoint, metrics, results")
+    progress: bool = option(True, "progress bar")
+    # Fault tolerance: one checkpoint on SIGINT/SIGTERM too, which then stop the run cleanly.
+    save_every: int = option(
+        100,
+        "with an output dir: steps between resumable checkpoints in OUTPUT_DIR/checkpoints; "
+        "SIGINT/SIGTERM then write one and stop cleanly (0: no checkpoints, signals act as "
+        "usual)",
+    )
+    keep_checkpoints: int = option(2, "how many resumable checkpoints to keep")
+    resume: bool = option(False, "continue from the newest complete checkpoint")
+    overwrite: bool = option(
+        False,
+        "replace what the output dir holds (a finished run, another run's files); without it "
+        "a non-empty output dir is refused unless --resume continues an interrupted run",
+    )
+    mixed_precision: Literal["no", "fp16", "bf16"] | None = option(
+        None, "for GPUs (default: what the accelerate launch/config says, else no)"
+    )
+    gradient_checkpointing: bool = option(False, "recompute activations in backward: less memory")
+
+    @property
+    def checkpoint_every(self) -> int:
+        """save_every, where there is an output dir to hold the checkpoints (else 0)."""
+        return self.save_every if self.output_dir else 0
 
     def __post_init__(self) -> None:
         if isinstance(self.model, dict):
@@ -158,8 +190,8 @@ class TrainConfig:
             raise KMergeConfigError(f"save_every must be >= 0, got {self.save_every}")
         if self.resume and self.overwrite:
             raise KMergeConfigError("give resume or overwrite, not both")
-        if (self.save_every or self.resume) and not self.output_dir:
-            raise KMergeConfigError("save_every and resume need an output_dir for the checkpoints")
+        if self.resume and not self.output_dir:
+            raise KMergeConfigError("resume needs the output_dir that holds the checkpoints")
         if self.mixed_precision not in (None, "no", "fp16", "bf16"):
             raise KMergeConfigError(
                 f"mixed_precision must be 'no', 'fp16' or 'bf16', got {self.mixed_precision!r}"
@@ -497,7 +529,7 @@ class _Trainer:
     def run(self) -> None:
         acc, cfg = self.accelerator, self.cfg
         with contextlib.ExitStack() as stack:
-            if cfg.save_every:  # a signal then checkpoints and stops the run cleanly
+            if cfg.checkpoint_every:  # a signal then checkpoints and stops the run cleanly
                 self.stop_signals = stack.enter_context(_stop_requests())
             if self.out_dir and acc.is_main_process:
                 self.metrics_file = stack.enter_context((self.out_dir / "metrics.jsonl").open("w"))
@@ -702,7 +734,8 @@ class _Trainer:
     def _checkpoint_if_due(self) -> None:
         """Checkpoint every ``save_every`` steps; on SIGINT/SIGTERM checkpoint and stop."""
         signum = self._stop_signal()
-        if signum or (self.cfg.save_every and self.progress.step % self.cfg.save_every == 0):
+        every = self.cfg.checkpoint_every
+        if signum or (every and self.progress.step % every == 0):
             self.save()
         if signum:
             raise TrainingInterrupted(signum, self.progress.step, self.checkpoint)

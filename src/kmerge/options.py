@@ -1,0 +1,129 @@
+"""Command-line flags derived from the config dataclasses: one source for every setting.
+
+A field declared with :func:`option` carries its help text; :func:`add_options` turns the
+fields of a dataclass into ``--field-name`` flags (type, choices and default taken from the
+field) and :func:`given` returns only the values a user typed, so an unset flag keeps the
+dataclass default and the CLI never restates one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from collections.abc import Iterable
+from typing import Any, Literal
+
+from kmerge.errors import KMergeConfigError
+
+
+def option(default: Any = dataclasses.MISSING, help: str = "", *, cli: bool = True, **kw) -> Any:
+    """A dataclass field with a help text (``cli=False``: no flag, e.g. filled in by code)."""
+    return dataclasses.field(default=default, metadata={"help": help, "cli": cli}, **kw)
+
+
+def field_default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _unwrap_optional(hint: Any) -> Any:
+    """``X | None`` -> X (for ``str | list[str]`` the first member: what a flag can type)."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        members = [a for a in typing.get_args(hint) if a is not type(None)]
+        return members[0]
+    return hint
+
+
+def _list_item(hint: Any) -> type | None:
+    """The item type of a ``list[X]`` field (None for any other field)."""
+    kind = _unwrap_optional(hint)
+    return typing.get_args(kind)[0] if typing.get_origin(kind) is list else None
+
+
+def _comma_list(text: str, kind: type, name: str) -> list:
+    try:
+        return [kind(v.strip()) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise KMergeConfigError(
+            f"{flag(name)} takes comma-separated numbers, got {text!r}"
+        ) from None
+
+
+def _argument(f: dataclasses.Field, hint: Any, help_text: str) -> dict:
+    """add_argument keywords for one field; the default is SUPPRESS so that only typed flags
+    reach :func:`given` (the dataclass keeps its own default)."""
+    kw: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS}
+    default = field_default(f)
+    kind = _unwrap_optional(hint)
+    if default is not None and default is not False and default not in ("", []) and (
+        "default" not in help_text
+    ):
+        shown = ",".join(map(str, default)) if isinstance(default, list) else default
+        if isinstance(default, str) and default.strip() != default or "\n" in str(default):
+            shown = repr(default)
+        help_text = f"{help_text} (default: {shown})".strip()
+    kw["help"] = help_text or None
+    if kind is bool:
+        kw["action"] = "store_true" if default is False else argparse.BooleanOptionalAction
+        kw["help"] = help_text.replace(" (default: True)", "") or None
+    elif typing.get_origin(kind) is Literal:
+        kw["choices"] = typing.get_args(kind)
+    elif typing.get_origin(kind) is list:  # comma-separated; parsed by given()
+        kw["metavar"] = f.name.upper().rstrip("S") + ",..."
+    elif kind in (int, float, str):
+        kw["type"] = kind
+    else:
+        raise TypeError(f"no flag for field {f.name!r} of type {hint!r}: give it cli=False")
+    return kw
+
+
+def add_options(
+    parser: argparse.ArgumentParser | argparse._ArgumentGroup,
+    cls: type,
+    *,
+    only: Iterable[str] | None = None,
+    skip: Iterable[str] = (),
+    help: dict[str, str] | None = None,
+) -> list[str]:
+    """Add a flag for every CLI field of dataclass ``cls`` (those in ``only``, if given, less
+    ``skip``); ``help`` replaces a field's text where the flag means something narrower.
+    Returns the field names added."""
+    hints = typing.get_type_hints(cls)
+    wanted = None if only is None else set(only)
+    added = []
+    for f in dataclasses.fields(cls):
+        if not f.metadata.get("cli", True) or f.name in skip:
+            continue
+        if wanted is not None and f.name not in wanted:
+            continue
+        text = (help or {}).get(f.name, f.metadata.get("help", ""))
+        kw = _argument(f, hints[f.name], text)
+        short = ["-k"] if f.name == "k" else []
+        parser.add_argument(*short, flag(f.name), **kw)
+        added.append(f.name)
+    if wanted is not None and wanted - set(added):
+        raise TypeError(f"{cls.__name__} has no CLI fields {sorted(wanted - set(added))}")
+    return added
+
+
+def given(args: argparse.Namespace, cls: type) -> dict[str, Any]:
+    """The fields of ``cls`` that the user set on the command line (comma lists parsed: a bad
+    item is a KMergeConfigError naming the flag)."""
+    values, hints = vars(args), typing.get_type_hints(cls)
+    out = {}
+    for f in dataclasses.fields(cls):
+        if f.name in values and f.metadata.get("cli", True):
+            value, item = values[f.name], _list_item(hints[f.name])
+            if item is not None and isinstance(value, str):
+                value = _comma_list(value, item, f.name)
+            out[f.name] = value
+    return out

@@ -1,0 +1,104 @@
+"""One source for every setting: the CLI's flags, defaults and help texts come from the config
+dataclasses (kmerge.options), so the two cannot drift."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+
+import pytest
+
+import kmerge.cli
+from kmerge.cli import build_parser, main
+from kmerge.modeling import KMergeConfig
+from kmerge.options import flag
+from kmerge.pareto import SweepConfig
+from kmerge.tasks.base import TASKS
+from kmerge.tasks.options import TaskOptions
+from kmerge.training import TrainConfig
+
+CONFIGS = (KMergeConfig, TrainConfig, SweepConfig, TaskOptions)
+
+
+def cli_fields(cls):
+    return [f for f in dataclasses.fields(cls) if f.metadata.get("cli", True)]
+
+
+@pytest.mark.parametrize("cls", CONFIGS, ids=lambda c: c.__name__)
+def test_every_setting_has_a_help_text(cls):
+    for f in cli_fields(cls):
+        assert f.metadata.get("help"), f"{cls.__name__}.{f.name} has no help text"
+
+
+def test_train_without_flags_is_the_dataclass_defaults():
+    cfg = kmerge.cli._train_config(build_parser().parse_args(["train"]))
+    expected = TrainConfig(output_dir="runs/train")  # the one default the CLI adds
+    assert cfg == expected
+    assert cfg.save_every == TrainConfig().save_every == 100  # they had drifted (100 vs 0)
+
+
+def test_every_train_setting_is_a_flag():
+    help_text = build_parser()._subparsers._group_actions[0].choices["train"].format_help()
+    for cls in (KMergeConfig, TrainConfig, TaskOptions):
+        for f in cli_fields(cls):
+            assert flag(f.name) in help_text, f.name
+
+
+def test_flags_reach_the_configs():
+    argv = ["train", "--k", "4", "--lora-r", "4", "--no-append-eos", "--segment-chars", ";",
+            "--merge-norm", "token", "--k-choices", "1,2", "--stage", "xsmall",
+            "--budget-clock", "cpu", "--save-every", "7", "--no-progress", "--answer-choices",
+            "yes, no", "--skip-bad-rows", "--data-dir", "d", "--task", "amazon_reviews",
+            "--lora-target-modules", "q_proj,v_proj", "--mixed-precision", "bf16"]  # fmt: skip
+    cfg = kmerge.cli._train_config(build_parser().parse_args(argv))
+    m = cfg.model
+    assert (m.k, m.lora_r, m.append_eos, m.merge_norm) == (4, 4, False, "token")
+    assert m.segment_chars == ";"
+    assert m.lora_target_modules == ["q_proj", "v_proj"]
+    assert cfg.k_choices == [1, 2] and cfg.stage == "xsmall"
+    assert (cfg.budget_clock, cfg.save_every, cfg.progress) == ("cpu", 7, False)
+    assert cfg.mixed_precision == "bf16" and cfg.task == "amazon_reviews"
+    assert cfg.task_options == {"answer_choices": ["yes", "no"], "skip_bad_rows": True,
+                                "data_dir": "d"}  # fmt: skip
+
+
+def test_pareto_flags_make_the_sweep(monkeypatch):
+    seen = {}
+    monkeypatch.setattr("kmerge.pareto.run_sweep", lambda sweep: seen.setdefault("s", sweep))
+    main(["pareto", "--methods", "kmerge,random_drop", "--ratios", "2,4", "--seeds", "0,1",
+          "--no-tune", "--steps", "9", "--n-train", "16", "--output-dir", "out"])  # fmt: skip
+    sweep = seen["s"]
+    assert sweep.methods == ["kmerge", "random_drop"] and sweep.ratios == [2.0, 4.0]
+    assert sweep.seeds == [0, 1] and sweep.tune is False and sweep.output_dir == "out"
+    assert sweep.train.steps == sweep.train.eval_every == 9 and sweep.train.n_train == 16
+    assert sweep.command.startswith("kmerge pareto")
+
+
+def test_curriculum_is_a_comma_list():
+    cfg = kmerge.cli._train_config(
+        build_parser().parse_args(["train", "--curriculum", "small,xsmall"])
+    )
+    assert cfg.curriculum == ["small", "xsmall"]
+
+
+def test_every_task_option_is_taken_by_some_task():
+    taken = set()
+    for cls in TASKS.values():
+        taken |= set(inspect.signature(cls.__init__).parameters)
+    for f in dataclasses.fields(TaskOptions):
+        assert f.name in taken, f"no task takes {f.name}"
+
+
+def test_generate_reads_its_batch_size(monkeypatch, capsys):
+    sizes = []
+
+    class Model:
+        def generate(self, prompts, max_new_tokens, k=None):
+            sizes.append(len(prompts))
+            return [p.upper() for p in prompts]
+
+    monkeypatch.setattr(kmerge.cli, "_load", lambda args: Model())
+    prompts = [arg for p in "abcde" for arg in ("--prompt", p)]
+    main(["generate", "--batch-size", "2", *prompts])
+    assert sizes == [2, 2, 1]
+    assert capsys.readouterr().out.split() == list("ABCDE")
