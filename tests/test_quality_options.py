@@ -16,6 +16,7 @@ from kmerge.tasks import get_task
 from kmerge.tasks.tree import TreeTask, make_tree_examples
 from kmerge.training import TrainConfig, load_data, train
 from tests.conftest import randomise_trainables
+from tests.helpers import assert_greedy_equivalent
 from tests.test_modeling import PROMPTS, answers_for, check_batch_equals_single, ragged_prompts
 from tests.test_training import small_run as training_run
 
@@ -392,3 +393,62 @@ def test_jsonl_rows_can_protect_their_own_spans(tiny_model, tmp_path):
     bad.write_text(json.dumps({"prompt": "abc", "answer": "x", "protect": "zzz"}) + "\n")
     with pytest.raises(KMergeDataError, match="'zzz' does not occur in the prompt"):
         get_task("jsonl", train_file=str(bad)).examples("train")
+
+
+# ------------------------------------------------------------------ spread position ids
+def fed_positions(batch, row: int = 0) -> list[int]:
+    return batch.position_ids[row][batch.attention_mask[row].bool()].tolist()
+
+
+def test_spread_positions_are_block_ends_then_the_plain_answer_positions(tiny_model, tokenizer):
+    model = tiny_model(4, spread_positions=True)
+    prompt = PROMPTS[0]
+    n = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    batch = model.prepare([prompt], ["yes"])
+    positions, n_blocks = fed_positions(batch), -(-n // 4)
+    assert positions[:n_blocks] == [min(4 * (i + 1), n) - 1 for i in range(n_blocks)]
+    assert positions[n_blocks:] == list(range(n, n + len(positions) - n_blocks))
+    plain = tiny_model(1, spread_positions=True).prepare([prompt], ["yes"])
+    assert fed_positions(plain) == list(range(len(fed_positions(plain))))  # K=1: unchanged
+
+
+@pytest.mark.parametrize("align", ["start", "end", "segments"])
+def test_spread_positions_batch_equals_single(tiny_model, tokenizer, align):
+    model = tiny_model(4, block_alignment=align, spread_positions=True, protect_last=2)
+    randomise_trainables(model, seed=11)
+    prompts = ragged_prompts(tokenizer, 4) + TREE_PROMPTS[:2]
+    check_batch_equals_single(model, prompts, answers_for(prompts))
+
+
+def test_spread_positions_cached_generation_equals_uncached(tiny_model, tokenizer):
+    """Generation continues from the last prompt id + 1 (transformers' generate does), the
+    position the answer had in training. The reference passes its attention mask: without one,
+    transformers reads jumps in position ids as packed sequences and masks across them."""
+    model = tiny_model(4, spread_positions=True)
+    randomise_trainables(model, seed=5)
+    embed, eos = model.lm.get_input_embeddings(), tokenizer.eos_token_id
+    for prompt in (PROMPTS[0], PROMPTS[2]):
+        batch, generated = model.prepare([prompt]), []
+        with torch.no_grad():
+            for _ in range(8):
+                new = embed(torch.tensor([generated], dtype=torch.long))
+                embeds = torch.cat([batch.inputs_embeds, new], dim=1)
+                last = int(batch.position_ids[0, -1])
+                extra = torch.arange(last + 1, last + 1 + len(generated))[None]
+                positions = torch.cat([batch.position_ids, extra], dim=1)
+                mask = torch.ones(positions.shape, dtype=torch.long)
+                hidden = model.lm.get_decoder()(
+                    inputs_embeds=embeds, position_ids=positions, attention_mask=mask,
+                    use_cache=False,
+                ).last_hidden_state  # fmt: skip
+                generated.append(int(model.lm.get_output_embeddings()(hidden[:, -1]).argmax()))
+        expected = generated[: generated.index(eos)] if eos in generated else generated
+        cached = model.generate_ids([prompt], max_new_tokens=8)[0]
+        assert_greedy_equivalent(model, prompt, cached, expected)
+
+
+def test_spread_positions_count_against_the_context(tiny_model):
+    prompt = "word " * 400  # 100 merged positions, but ids up to 400: over the context of 256
+    assert len(fed_positions(tiny_model(4).prepare([prompt]))) <= 256
+    with pytest.raises(KMergeDataError, match="the model's context is 256"):
+        tiny_model(4, spread_positions=True).prepare([prompt])

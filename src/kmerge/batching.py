@@ -207,6 +207,7 @@ def compress_batch(
     prompt_tokens: Sequence[int] | None = None,
     protected: Sequence[Sequence[bool]] | None = None,
     k: int | None = None,
+    spread_positions: bool = False,
 ) -> CompressedBatch:
     """Merge each prompt's K-blocks and append the answers as ordinary token embeddings.
 
@@ -225,6 +226,10 @@ def compress_batch(
             embedding, exactly) and blocks never straddle them.
         k: the block size to cut at, at most ``encoder.k`` (default ``encoder.k``); K=1 feeds
             every token unmerged, exactly the uncompressed prompt.
+        spread_positions: a merged position takes the position id of its block's last token
+            (arXiv 2409.14364), so the answer sits where it would after the plain prompt and
+            relative distances match it; the context limit is then the uncompressed length.
+            Default: contiguous ids 0..n-1.
     """
     k = encoder.k if k is None else k
     if k == 1:  # uncompressed: every token is its own raw position, whatever the encoder
@@ -238,9 +243,14 @@ def compress_batch(
     raw_positions = raw.sum(dim=1).tolist()
     n_blocks = [n + len(prefix_ids) for n in n_blocks]
     lengths = [n + len(a) for n, a in zip(n_blocks, answer_ids)]
+    # The position ids each sequence uses: as many as positions fed, or with spreading as many
+    # as the plain prompt's tokens (+ prefix and answer).
+    spans = lengths
+    if spread_positions:
+        spans = [len(prefix_ids) + len(p) + len(a) for p, a in zip(prompt_ids, answer_ids)]
     # Check the context before any model work: nothing is ever truncated silently.
     if max_positions is not None:
-        for i, (length, prompt) in enumerate(zip(lengths, prompt_ids)):
+        for i, (length, prompt) in enumerate(zip(spans, prompt_ids)):
             if length + reserve > max_positions:
                 err = KMergeDataError(
                     f"example {i} needs {length + reserve} positions ({len(prompt)} prompt "
@@ -275,6 +285,8 @@ def compress_batch(
         if flat_answers
         else None
     )
+    # With spreading, a block's id is its last token's index: block sizes summed along the row.
+    block_ends = block_mask.sum(dim=-1).cumsum(dim=-1).sub(1).to(device) + len(prefix_ids)
     offset = 0
     for i, (n, answer) in enumerate(zip(n_blocks, answer_ids)):
         start = seq_len - lengths[i]  # left padding
@@ -285,7 +297,13 @@ def compress_batch(
             offset += len(answer)
         inputs_embeds[i, start:] = torch.cat(rows, dim=0)
         attention_mask[i, start:] = 1
-        position_ids[i, start:] = torch.arange(lengths[i], device=device)
+        if spread_positions:
+            n_prefix, n_prompt = len(prefix_ids), len(prompt_ids[i])
+            ids = [torch.arange(n_prefix, device=device), block_ends[i, : n - n_prefix]]
+            ids.append(n_prefix + n_prompt + torch.arange(len(answer), device=device))
+            position_ids[i, start:] = torch.cat(ids)
+        else:
+            position_ids[i, start:] = torch.arange(lengths[i], device=device)
     return CompressedBatch(
         inputs_embeds=inputs_embeds,
         attention_mask=attention_mask,

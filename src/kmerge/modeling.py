@@ -100,6 +100,11 @@ class KMergeConfig:
     protect_surprising: float = option(
         0.0, "share of each prompt's tokens, the most surprising to the base model, kept raw"
     )
+    spread_positions: bool = option(
+        False,
+        "merged positions take their block's last token's position id (arXiv 2409.14364): "
+        "the answer sits where it would after the plain prompt",
+    )
     base_fingerprint: dict = option(cli=False, default_factory=dict)  # filled in by from_base
 
     def __post_init__(self) -> None:
@@ -309,6 +314,7 @@ class KMergeModel(nn.Module):
             prompt_tokens=prompt_tokens,
             protected=protected,
             k=k,
+            spread_positions=self.config.spread_positions,
         )
 
     def resolve_k(self, k: int | None) -> int:
