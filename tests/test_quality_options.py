@@ -327,6 +327,34 @@ def test_training_with_a_teacher_logs_its_cost(tiny_model, tmp_path):
     assert len(logged) == 6 and all(r["teacher_seconds"] > 0 for r in logged)
 
 
+def test_cached_teacher_gives_the_same_loss_and_is_not_run_again(tiny_model):
+    from kmerge.distillation import Distiller
+
+    student = tiny_model(4)
+    randomise_trainables(student, seed=4)
+    prompts, answers = TREE_PROMPTS[:3], ["true", "false", "true"]
+    plain = Distiller(student, "base", kl_weight=1.0, hidden_weight=1.0)
+    cached = Distiller(student, "base", kl_weight=1.0, hidden_weight=1.0, cache=True)
+    expected = plain(student, prompts, answers)
+    first = cached(student, prompts[:2], answers[:2])  # fills two of the three
+    assert cached.cache_hits == 0 and len(cached.cache) == 2 and first.teacher_seconds > 0
+    again = cached(student, prompts, answers)  # one teacher forward, for the third only
+    assert cached.cache_hits == 2 and len(cached.cache) == 3
+    # float16 storage: the loss moves by less than its rounding
+    assert again.kl == pytest.approx(expected.kl, rel=1e-2, abs=1e-5)
+    assert again.hidden == pytest.approx(expected.hidden, rel=1e-2)
+    calls = []
+    cached._teacher_forward = lambda *a: calls.append(a)  # must not be needed any more
+    cached(student, prompts[::-1], answers[::-1])
+    assert calls == [] and cached.cache_hits == 5
+
+
+def test_training_with_a_cached_teacher_logs_its_hits(tiny_model, tmp_path):
+    cfg = small_run(tmp_path, teacher="base", distill_cache=True, n_train=8, batch_size=4)
+    logged = [r for r in train(cfg, tiny_model(4)).history if "loss" in r]
+    assert logged[-1]["teacher_cache_hits"] > 0  # 8 examples, more than 8 drawn
+
+
 def test_protect_surprising_keeps_the_most_surprising_share_raw(tiny_model):
     from kmerge.baselines.self_information import token_surprisal
 

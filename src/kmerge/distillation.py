@@ -9,6 +9,10 @@ cross-entropy (xRAG, arXiv 2405.13792):
   (scaled by T^2, Hinton et al.);
 - ``hidden_weight`` x the mean over decoder layers of |h_s - h_t|_1 / |h_t|_1 at those positions
   (Deep Context Distillation, arXiv 2503.08727).
+
+With ``cache`` the teacher's outputs are kept per (prompt, answer), in float16 on the CPU, so
+a training set seen several times (``--n-train``) pays for each teacher forward once. Memory:
+examples x answer tokens x (vocab + layers x hidden) x 2 bytes.
 """
 
 from __future__ import annotations
@@ -21,7 +25,17 @@ import torch
 import torch.nn.functional as F
 
 from kmerge.errors import KMergeConfigError
-from kmerge.modeling import AnswerStates, KMergeModel, KMergeOutput
+from kmerge.modeling import KMergeModel, KMergeOutput
+
+
+@dataclass
+class TeacherStates:
+    logits: torch.Tensor  # [answer tokens, vocab]
+    hidden: list[torch.Tensor] | None  # per decoder layer: [answer tokens, H]
+
+    def to(self, dtype: torch.dtype, device: torch.device | str) -> TeacherStates:
+        hidden = [h.to(device, dtype) for h in self.hidden] if self.hidden is not None else None
+        return TeacherStates(self.logits.to(device, dtype), hidden)
 
 
 @dataclass
@@ -47,6 +61,7 @@ class Distiller:
         kl_weight: float = 1.0,
         temperature: float = 1.0,
         hidden_weight: float = 0.0,
+        cache: bool = False,
     ) -> None:
         if temperature <= 0:
             raise KMergeConfigError(f"distillation temperature must be > 0, got {temperature}")
@@ -54,6 +69,9 @@ class Distiller:
             raise KMergeConfigError("distillation weights must be >= 0")
         self.kl_weight, self.temperature, self.hidden_weight = kl_weight, temperature, hidden_weight
         self.model: KMergeModel | None = None
+        # (prompt, answer) -> the teacher's logits and hidden states at its answer positions
+        self.cache: dict[tuple[str, str], TeacherStates] | None = {} if cache else None
+        self.cache_hits = 0
         if isinstance(teacher, str) and teacher != "base":
             teacher = KMergeModel.from_pretrained(teacher)
         if isinstance(teacher, KMergeModel):
@@ -64,15 +82,48 @@ class Distiller:
                     f"teacher {teacher} was trained on another base model than the student's"
                 )
 
-    def _teacher_states(
+    def _teacher_forward(
         self, student: KMergeModel, prompts: Sequence[str], answers: Sequence[str]
-    ) -> AnswerStates:
+    ) -> list[TeacherStates]:
+        """The teacher's states at each example's answer positions, one entry per example."""
         layers = self.hidden_weight > 0
         with torch.no_grad():
             if self.model is not None:
-                return self.model.answer_states(self.model.prepare(prompts, answers, k=1), layers)
-            with student.peft_model.disable_adapter():
-                return student.answer_states(student.prepare(prompts, answers, k=1), layers)
+                states = self.model.answer_states(self.model.prepare(prompts, answers, k=1), layers)
+            else:
+                with student.peft_model.disable_adapter():
+                    states = student.answer_states(student.prepare(prompts, answers, k=1), layers)
+        counts = states.output.answer_tokens.tolist()
+        logits = states.logits.split(counts)
+        hidden = [h.split(counts) for h in states.hidden] if layers else None
+        return [
+            TeacherStates(logits[i], [h[i] for h in hidden] if hidden else None)
+            for i in range(len(counts))
+        ]
+
+    def _teacher_states(
+        self, student: KMergeModel, prompts: Sequence[str], answers: Sequence[str]
+    ) -> TeacherStates:
+        """The teacher's states for the batch, in batch order (from the cache where it has
+        them: one forward for the examples it has not seen)."""
+        if self.cache is None:
+            per_example = self._teacher_forward(student, prompts, answers)
+        else:
+            keys = list(zip(prompts, answers))
+            missing = [i for i, key in enumerate(keys) if key not in self.cache]
+            self.cache_hits += len(keys) - len(missing)
+            if missing:
+                fresh = self._teacher_forward(
+                    student, [prompts[i] for i in missing], [answers[i] for i in missing]
+                )
+                for i, states in zip(missing, fresh):
+                    self.cache[keys[i]] = states.to(torch.float16, "cpu")
+            device = student.device
+            per_example = [self.cache[key].to(torch.float32, device) for key in keys]
+        hidden = None
+        if per_example[0].hidden is not None:
+            hidden = [torch.cat(layer) for layer in zip(*(s.hidden for s in per_example))]
+        return TeacherStates(torch.cat([s.logits for s in per_example]), hidden)
 
     def __call__(
         self,

@@ -127,6 +127,11 @@ class TrainConfig:
     distill_hidden_weight: float = option(
         0.0, "weight of the per-layer hidden-state distance to the teacher"
     )
+    distill_cache: bool = option(
+        False,
+        "keep the teacher's outputs per training example (float16, CPU memory): for a training "
+        "set seen more than once (--n-train), each teacher forward is paid once",
+    )
     seed: int = option(0, "seed of data, initialisation and sampling")
     output_dir: str | None = option(None, "checkpoint, metrics, results")
     progress: bool = option(True, "progress bar")
@@ -403,7 +408,7 @@ def train(cfg: TrainConfig, model: KMergeModel | None = None) -> TrainResult:
             raise KMergeConfigError("distillation (teacher) runs in one process only")
         distiller = Distiller(
             model, cfg.teacher, cfg.distill_kl_weight, cfg.distill_temperature,
-            cfg.distill_hidden_weight,
+            cfg.distill_hidden_weight, cfg.distill_cache,
         )  # fmt: skip
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     store_model_as_adapter(accelerator)
@@ -518,6 +523,12 @@ class _Trainer:
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.start
+
+    def _teacher_record(self) -> dict:
+        record = {"teacher_seconds": self.progress.teacher_seconds}
+        if self.distiller.cache is not None:
+            record["teacher_cache_hits"] = self.distiller.cache_hits
+        return record
 
     def log(self, record: dict) -> None:
         self.progress.history.append(record)
@@ -682,7 +693,7 @@ class _Trainer:
                 {
                     "step": p.step, "stage": stage, "loss": avg, "lr": lr,
                     "elapsed": self.elapsed(), "train_seconds": p.train_seconds,
-                    **({"teacher_seconds": p.teacher_seconds} if self.distiller else {}),
+                    **(self._teacher_record() if self.distiller else {}),
                 }
             )  # fmt: skip
             self.bar.set_postfix(loss=f"{avg:.3f}", stage=stage)
