@@ -16,6 +16,7 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +26,6 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers import PreTrainedModel
 
-from kmerge.baselines import PromptCompressor, get_compressor
 from kmerge.batching import (
     IGNORE_INDEX,
     BlockAlignment,
@@ -37,6 +37,9 @@ from kmerge.batching import (
 from kmerge.encoder import MergeEncoder, check_k
 from kmerge.errors import KMergeConfigError
 from kmerge.models import DEFAULT_MODEL, check_causal_lm, lm_logits, load_base_model
+
+if TYPE_CHECKING:
+    from kmerge.methods import PromptCompressor
 
 CONFIG_FILE = "kmerge_config.json"
 ENCODER_FILE = "encoder.safetensors"
@@ -61,7 +64,7 @@ class KMergeConfig:
     segment_chars: str = "\n,"  # with block_alignment="segments": tokens starting a new block
     answer_separator: str = " "  # put between prompt and answer (the answer is tokenised alone)
     append_eos: bool = True
-    # A token-level prompt compressor of kmerge.baselines (e.g. "random_drop"), applied to the
+    # A token-level prompt compressor of kmerge.methods (e.g. "random_drop"), applied to the
     # prompt ids before merging; None = the whole prompt.
     prompt_compressor: str | None = None
     compression_ratio: float | None = None  # its target ratio (None for ratio-less ones)
@@ -114,12 +117,11 @@ class KMergeConfig:
             raise KMergeConfigError(
                 "protected spans and a token-level prompt_compressor cannot be combined"
             )
-        self.make_compressor()  # fails here on an unknown compressor or a bad ratio
+        if self.prompt_compressor is not None:
+            # Imported here: the compressors use the model (modeling must not need them to load).
+            from kmerge.methods import check_compressor
 
-    def make_compressor(self) -> PromptCompressor | None:
-        if self.prompt_compressor is None:
-            return None
-        return get_compressor(self.prompt_compressor, self.compression_ratio, self.compressor_seed)
+            check_compressor(self.prompt_compressor, self.compression_ratio)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -174,7 +176,7 @@ class KMergeModel(nn.Module):
         self.encoder = encoder
         self.tokenizer = tokenizer
         self.config = config
-        self.compressor = config.make_compressor()
+        self.compressor = _make_compressor(config)
 
     # ---------------------------------------------------------------- construction
     @classmethod
@@ -337,7 +339,7 @@ class KMergeModel(nn.Module):
     def _surprisal(self, prompt_ids: list[list[int]]) -> list[list[float]]:
         """Each token's surprisal under the frozen base model (adapters off), cached per
         prompt: the scores never change during training."""
-        from kmerge.baselines.self_information import SelfInformation
+        from kmerge.methods.self_information import SelfInformation
 
         if not hasattr(self, "_surprisal_scorer"):
             self._surprisal_scorer = SelfInformation(ratio=2.0)
@@ -597,6 +599,16 @@ class KMergeModel(nn.Module):
     @property
     def lora_merged(self) -> bool:
         return any(getattr(m, "merged", False) for m in self.peft_model.modules())
+
+
+def _make_compressor(config: KMergeConfig) -> PromptCompressor | None:
+    """The token-level prompt compressor the config names (None: the whole prompt)."""
+    if config.prompt_compressor is None:
+        return None
+    from kmerge.methods import get_compressor  # not at the top: the compressors use the model
+
+    cfg = config
+    return get_compressor(cfg.prompt_compressor, cfg.compression_ratio, cfg.compressor_seed)
 
 
 def _first_line(err: BaseException) -> str:

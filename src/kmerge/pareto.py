@@ -26,10 +26,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kmerge.baselines import BASELINES, get_baseline
 from kmerge.errors import KMergeConfigError
 from kmerge.evaluation import evaluate
 from kmerge.io import atomic_write_bytes, atomic_write_text
+from kmerge.methods import METHODS, get_method
 from kmerge.modeling import CONFIG_FILE, KMergeModel
 from kmerge.reporting import markdown_table
 from kmerge.training import TrainConfig, load_data, train
@@ -72,10 +72,10 @@ class SweepConfig:
         if not self.seeds:
             raise KMergeConfigError("the sweep needs at least one seed")
         for name in self.methods:
-            if name not in BASELINES:
-                known = ", ".join(sorted(BASELINES))
+            if name not in METHODS:
+                known = ", ".join(sorted(METHODS))
                 raise KMergeConfigError(f"unknown method {name!r}; known methods: {known}")
-        if not self.ratios and any(BASELINES[m].takes_ratio for m in self.methods):
+        if not self.ratios and any(METHODS[m].takes_ratio for m in self.methods):
             raise KMergeConfigError("the sweep needs at least one ratio")
 
 
@@ -86,7 +86,7 @@ def plan(cfg: SweepConfig) -> tuple[list[Point], dict[str, str]]:
     any training."""
     points, skipped = [], {}
     for method in dict.fromkeys(cfg.methods):
-        cls = BASELINES[method]
+        cls = METHODS[method]
         reason = cls.unavailable_reason()
         if reason:
             skipped[method] = reason
@@ -94,21 +94,21 @@ def plan(cfg: SweepConfig) -> tuple[list[Point], dict[str, str]]:
         ratios = list(dict.fromkeys(cfg.ratios)) if cls.takes_ratio else [None]
         for ratio in ratios:
             for seed in dict.fromkeys(cfg.seeds):
-                get_baseline(method, ratio, seed).model_options()
+                get_method(method, ratio, seed).model_options()
                 points.append(Point(method, ratio, seed))
     return points, skipped
 
 
 def point_train_config(cfg: SweepConfig, point: Point) -> TrainConfig:
     """The template run with this point's method options, seed and run directory."""
-    options = get_baseline(point.method, point.ratio, point.seed).model_options()
+    options = get_method(point.method, point.ratio, point.seed).model_options()
     model = dataclasses.replace(cfg.train.model, **options)
     run_dir = Path(cfg.output_dir) / "runs" / point.key
     return dataclasses.replace(cfg.train, model=model, seed=point.seed, output_dir=str(run_dir))
 
 
 def is_tuned(cfg: SweepConfig, point: Point) -> bool:
-    return cfg.tune or not BASELINES[point.method].tune_optional
+    return cfg.tune or not METHODS[point.method].tune_optional
 
 
 def run_point(cfg: SweepConfig, point: Point) -> dict:
@@ -139,7 +139,7 @@ def run_point(cfg: SweepConfig, point: Point) -> dict:
         "target_ratio": point.ratio,
         "seed": point.seed,
         "tuned": tuned,
-        "exact_ratio": BASELINES[point.method].exact_ratio,
+        "exact_ratio": METHODS[point.method].exact_ratio,
         **summary,
         "evaluation": scalars,
         "command": cfg.command,
