@@ -429,8 +429,8 @@ def _load(args: argparse.Namespace):
 
 def cmd_eval(args: argparse.Namespace) -> None:
     from kmerge.evaluation import evaluate
+    from kmerge.tasks import build_task
     from kmerge.tasks.base import fit_prompts
-    from kmerge.training import build_task
 
     _check_counts(args, {"batch_size": 1, "n_eval": 1, "max_new_tokens": 1, "generate_n": 0})
     if args.output and Path(args.output).is_dir():
@@ -457,7 +457,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         **result,
         "prompts_cut": prompts_cut,
         "bad_rows_skipped": task.skipped_rows,
-        "rows_filtered": getattr(task, "filtered_rows", 0),
+        "rows_filtered": task.filtered_rows,
         "task_options": options,
         "command": _command(args),
     }

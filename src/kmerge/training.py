@@ -46,10 +46,8 @@ from kmerge.errors import KMergeConfigError, KMergeDataError
 from kmerge.evaluation import evaluate, merge_shards, shard_indices
 from kmerge.io import atomic_write_text
 from kmerge.modeling import KMergeConfig, KMergeModel
-from kmerge.tasks import Example, Task, get_task
+from kmerge.tasks import Example, Task, build_task, check_stages, task_stages
 from kmerge.tasks.base import example_protect_spans, fit_prompts, name_example
-from kmerge.tasks.files import FileTask
-from kmerge.tasks.tree import STAGES
 
 
 @dataclass
@@ -166,12 +164,11 @@ class TrainConfig:
             )
         if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:
             raise KMergeConfigError(f"max_prompt_tokens must be >= 1, got {self.max_prompt_tokens}")
-        if self.curriculum and self.task != "tree":
-            raise KMergeConfigError("a curriculum walks tree stages: it needs --task tree")
-        stages = self.curriculum or ([self.stage] if self.task == "tree" else [])
-        for stage in stages:
-            if stage not in STAGES:
-                raise KMergeConfigError(f"unknown tree stage {stage!r}; known: {', '.join(STAGES)}")
+        if self.curriculum and not task_stages(self.task):
+            raise KMergeConfigError(
+                f"a curriculum walks a task's stages: task {self.task!r} has none"
+            )
+        check_stages(self.task, self.curriculum or ([self.stage] if task_stages(self.task) else []))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -201,7 +198,7 @@ class TaskData:
             "n_eval": len(self.held_out),
             "prompts_cut": self.prompts_cut,
             "bad_rows_skipped": self.task.skipped_rows,
-            "rows_filtered": getattr(self.task, "filtered_rows", 0),
+            "rows_filtered": self.task.filtered_rows,
         }
 
 
@@ -217,10 +214,7 @@ def load_data(
     if cfg.n_train is None and not task.generates_examples:
         n_train = None  # every row of the task's training data
     train = task.examples("train", n_train)
-    if isinstance(task, FileTask) and task.files["test"] is None:
-        held_out = []  # user data without an eval file: train only, no evaluation
-    else:
-        held_out = task.examples("test", cfg.n_eval)
+    held_out = task.examples("test", cfg.n_eval) if task.has_split("test") else []
     if cfg.balance_classes:
         train = balanced(train, cfg.seed)
     train, cut_train = fit_prompts(train, tokenizer, cfg.max_prompt_tokens)
@@ -249,24 +243,6 @@ def balanced(examples: list[Example], seed: int) -> list[Example]:
            for i in range(len(examples))]  # fmt: skip
     rng.shuffle(out)
     return out
-
-
-def build_task(
-    name: str,
-    seed: int,
-    stage: str,
-    n_eval: int,
-    n_train: int | None = None,
-    options: dict | None = None,
-) -> Task:
-    """A task from the settings train and eval share (only the tree task has stages; its
-    ``n_train`` defaults to the task's own). ``options`` go to the task's constructor."""
-    kwargs: dict = {"seed": seed} | (options or {})
-    if name == "tree":
-        kwargs |= {"stage": stage, "n_test": n_eval}
-        if n_train is not None:
-            kwargs["n_train"] = n_train
-    return get_task(name, **kwargs)
 
 
 def make_optimizer(model: KMergeModel, cfg: TrainConfig) -> torch.optim.AdamW:
@@ -473,7 +449,7 @@ class _Trainer:
         self.cfg, self.accelerator, self.out_dir = cfg, accelerator, out_dir
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         # One pass per curriculum stage; other tasks have one, named after the task in the logs.
-        self.stages = cfg.curriculum or [cfg.stage if cfg.task == "tree" else cfg.task]
+        self.stages = cfg.curriculum or [cfg.stage if task_stages(cfg.task) else cfg.task]
         self.tokenizer = accelerator.unwrap_model(model).tokenizer
         self.progress = Progress()
         self.checkpoint: Path | None = None  # the newest one written or resumed from
