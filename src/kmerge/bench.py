@@ -26,10 +26,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import math
-import os
-import platform
 import random
 import statistics
 import sys
@@ -45,8 +42,10 @@ import torch.nn.functional as F
 from kmerge.batching import IGNORE_INDEX, CompressedBatch, tokenize_prompts
 from kmerge.encoder import check_k
 from kmerge.errors import KMergeConfigError
+from kmerge.io import write_json
 from kmerge.modeling import KMergeConfig, KMergeModel
 from kmerge.models import DEFAULT_MODEL, load_base_model
+from kmerge.provenance import machine_info
 from kmerge.reporting import markdown_table
 
 # Common English words; each is one token with its leading space in byte-level BPE vocabularies
@@ -524,22 +523,6 @@ def check_context(cfg: BenchConfig, max_positions: int | None) -> None:
             )
 
 
-def machine_info(device: torch.device, dtype: torch.dtype) -> dict:
-    info = {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "device": str(device),
-        "dtype": str(dtype).removeprefix("torch."),
-    }
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    return info
-
-
 def run_bench(cfg: BenchConfig, base=None, tokenizer=None) -> dict:
     """Run the benchmarks and write ``bench.json`` and ``bench.png`` under ``output_dir``;
     ``base``/``tokenizer``: an already loaded model instead of ``cfg.base_model``."""
@@ -566,7 +549,7 @@ def run_bench(cfg: BenchConfig, base=None, tokenizer=None) -> dict:
     )
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_json(out / "bench.json", result)
     plot_speedup(result["prefill"], out / "bench.png")
     return result
 

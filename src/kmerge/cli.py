@@ -398,11 +398,11 @@ def _command(args: argparse.Namespace) -> str:
 
 
 def _write_json(path: Path, payload: dict) -> None:
-    from kmerge.io import atomic_write_text
+    from kmerge.io import write_json
 
     if path.is_dir():
         raise KMergeConfigError(f"{path} is a directory, not a file to write")
-    atomic_write_text(path, json.dumps(payload, indent=2) + "\n")
+    write_json(path, payload)
 
 
 def _check_counts(args: argparse.Namespace, minimum: dict[str, int]) -> None:

@@ -11,8 +11,6 @@ import hashlib
 import json
 import math
 import re
-import shutil
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +34,7 @@ from kmerge.batching import (
 )
 from kmerge.encoder import MergeEncoder, check_k
 from kmerge.errors import KMergeConfigError
+from kmerge.io import atomic_directory
 from kmerge.models import DEFAULT_MODEL, check_causal_lm, lm_logits, load_base_model
 
 if TYPE_CHECKING:
@@ -462,7 +461,7 @@ class KMergeModel(nn.Module):
 
     # ---------------------------------------------------------------- persistence
     def save_pretrained(self, directory: str | Path, state_dict: dict | None = None) -> Path:
-        """Write adapter, encoder (safetensors) and kmerge config; atomic (temp dir + rename).
+        """Write adapter, encoder (safetensors) and kmerge config; atomic (``atomic_directory``).
 
         ``state_dict``: this model's full state dict (keys as in ``self.state_dict()``), for
         when its own parameters are shards (FSDP): ``accelerator.get_state_dict`` gathers it."""
@@ -470,9 +469,7 @@ class KMergeModel(nn.Module):
         adapter = _with_prefix(state_dict, "peft_model.")
         encoder = _with_prefix(state_dict, "encoder.")
         directory = Path(directory)
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}-", dir=directory.parent))
-        try:
+        with atomic_directory(directory) as tmp:
             # Embeddings are never trained (they feed the encoder); saying so also stops peft
             # from looking the base model up on the hub.
             self.peft_model.save_pretrained(tmp, save_embedding_layers=False, state_dict=adapter)
@@ -480,16 +477,6 @@ class KMergeModel(nn.Module):
             save_file(encoder, tmp / ENCODER_FILE, metadata={"k": str(self.k)})
             (tmp / CONFIG_FILE).write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
             self.tokenizer.save_pretrained(tmp / "tokenizer")
-            if directory.exists():
-                old = directory.with_name(f".{directory.name}-old")
-                shutil.rmtree(old, ignore_errors=True)
-                directory.rename(old)
-                tmp.rename(directory)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                tmp.rename(directory)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
         return directory
 
     @classmethod

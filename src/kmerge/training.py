@@ -44,8 +44,9 @@ from kmerge.checkpointing import (
 )
 from kmerge.errors import KMergeConfigError, KMergeDataError
 from kmerge.evaluation import evaluate, merge_shards, shard_indices
-from kmerge.io import atomic_write_text
+from kmerge.io import write_json
 from kmerge.modeling import KMergeConfig, KMergeModel
+from kmerge.provenance import as_json, differences
 from kmerge.tasks import Example, Task, build_task, check_stages, task_stages
 from kmerge.tasks.base import example_protect_spans, fit_prompts, name_example
 
@@ -704,7 +705,10 @@ class _Trainer:
     def resume(self, path: Path) -> None:
         """Continue from the checkpoint at ``path``: refused if another run wrote it."""
         state = read_state(path)
-        mismatches = _differences(state["run"], self._identity())
+        mismatches = [
+            f"{key}: {a!r} there, {b!r} here"
+            for key, (a, b) in differences(state["run"], self._identity()).items()
+        ]
         if mismatches:
             raise KMergeConfigError(
                 f"checkpoint {path} was written by a run with other settings "
@@ -726,7 +730,7 @@ class _Trainer:
             "processes": self.accelerator.num_processes,
             "mixed_precision": self.accelerator.mixed_precision,
         }
-        return json.loads(json.dumps(identity))  # as it reads back from JSON
+        return as_json(identity)
 
 
 def _make_accelerator(cfg: TrainConfig) -> Accelerator:
@@ -858,8 +862,8 @@ def _unfinished_run_of(cfg: TrainConfig, out_dir: Path, names: list[str]) -> boo
         return False
     if not isinstance(saved, dict):
         return False
-    current = json.loads(json.dumps(cfg.to_dict()))
-    return not _differences(
+    current = as_json(cfg.to_dict())
+    return not differences(
         {k: v for k, v in saved.items() if k not in RESUMABLE_CHANGES},
         {k: v for k, v in current.items() if k not in RESUMABLE_CHANGES},
     )
@@ -876,7 +880,7 @@ def _start_output(cfg: TrainConfig, out_dir: Path) -> None:
                 shutil.rmtree(path)
             elif path.exists() or path.is_symlink():
                 path.unlink()
-    atomic_write_text(out_dir / "train_config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
+    write_json(out_dir / "train_config.json", cfg.to_dict())
 
 
 @contextlib.contextmanager
@@ -901,18 +905,6 @@ def _stop_requests() -> Iterator[list[int]]:
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
-
-
-def _differences(saved: dict, current: dict, prefix: str = "") -> list[str]:
-    """``key: saved value there, current value here`` for every leaf that differs."""
-    out = []
-    for key in sorted(set(saved) | set(current)):
-        a, b = saved.get(key), current.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += _differences(a, b, f"{prefix}{key}.")
-        elif a != b:
-            out.append(f"{prefix}{key}: {a!r} there, {b!r} here")
-    return out
 
 
 def _encode_rng(state: torch.Tensor) -> str:
