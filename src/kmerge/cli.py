@@ -320,7 +320,8 @@ def _train_config(args: argparse.Namespace, **extra):
 def cmd_train(args: argparse.Namespace) -> None:
     from accelerate import PartialState
 
-    from kmerge.training import NonFiniteLossError, TrainingInterrupted, train
+    from kmerge.checkpointing import TrainingInterrupted
+    from kmerge.training import NonFiniteLossError, train
 
     cfg = _train_config(args, output_dir=args.output_dir)
     if _launched_processes(args.num_processes, args.argv):
