@@ -11,7 +11,7 @@ import sys
 from accelerate import Accelerator, PartialState
 from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
-from kmerge import training
+from kmerge import distributed
 from kmerge.cli import main
 
 
@@ -25,5 +25,5 @@ class CpuFsdpAccelerator(Accelerator):
 
 
 if __name__ == "__main__":
-    training.Accelerator = CpuFsdpAccelerator
+    distributed.Accelerator = CpuFsdpAccelerator
     main(sys.argv[1:])

@@ -16,14 +16,16 @@ import torch
 
 from kmerge.checkpointing import (
     MODEL_DIR,
+    TrainingInterrupted,
     complete_checkpoints,
     latest_checkpoint,
+    read_history,
     read_state,
 )
 from kmerge.cli import main
 from kmerge.errors import KMergeConfigError
 from kmerge.modeling import KMergeModel
-from kmerge.training import TrainingInterrupted, train
+from kmerge.training import train
 from tests import kmerge_process
 from tests.kmerge_process import assert_same_weights, records, trainable_weights
 from tests.test_training import small_run
@@ -94,6 +96,31 @@ def test_incomplete_checkpoints_are_never_loaded(tiny_model, tmp_path):
     with pytest.raises(KMergeConfigError, match="no complete checkpoint"):
         with pytest.warns(UserWarning):
             train(dataclasses.replace(cfg, resume=True), model=tiny_model(4))
+
+
+def test_checkpoints_count_the_log_and_resume_keeps_that_much_of_it(tiny_model, tmp_path):
+    cfg = small_run(tmp_path, steps=3, save_every=1, keep_checkpoints=3)
+    whole = train(cfg, model=tiny_model(4)).history
+    run = tmp_path / "run"
+    log, step2 = run / "metrics.jsonl", run / "checkpoints" / "step-00000002"
+    progress = read_state(step2)["progress"]
+    assert "history" not in progress  # the log is not copied into every checkpoint
+    kept = whole[: progress["records"]]
+    assert kept and kept[-1]["step"] == 2 and read_history(log, len(kept), step2) == kept
+    shutil.rmtree(run / "checkpoints" / "step-00000003")
+
+    resumed = train(dataclasses.replace(cfg, resume=True), model=tiny_model(4)).history
+    assert resumed[: len(kept) + 1] == [*kept, {"step": 2, "resumed_from": str(step2)}]
+    clock = ("elapsed", "train_seconds")  # the records after it are logged again, new times
+    again, then = resumed[len(kept) + 1 :], whole[len(kept) :]
+    assert [{k: v for k, v in r.items() if k not in clock} for r in again] == [
+        {k: v for k, v in r.items() if k not in clock} for r in then
+    ]
+    assert [json.loads(line) for line in log.read_text().splitlines()] == resumed
+
+    log.write_text("".join(json.dumps(r) + "\n" for r in kept[:-1]))  # a log cut short
+    with pytest.raises(KMergeConfigError, match=r"follows \d+ records of .*metrics.jsonl"):
+        read_history(log, len(kept), step2)
 
 
 def test_resume_refuses_checkpoints_of_another_run(tiny_model, tiny_dir, tmp_path, capsys):

@@ -18,10 +18,11 @@ from accelerate.utils import DistributedType
 
 from kmerge.checkpointing import read_state
 from kmerge.cli import main
+from kmerge.distributed import check_sharding
 from kmerge.errors import KMergeConfigError
 from kmerge.evaluation import merge_shards, shard_indices
 from kmerge.modeling import KMergeModel
-from kmerge.training import _check_sharding, train
+from kmerge.training import train
 from tests import kmerge_process
 from tests.kmerge_process import assert_same_weights, records
 from tests.test_training import small_run
@@ -138,7 +139,7 @@ def test_unsupported_sharding_is_refused(fsdp_version, zero_stage, refused):
         distributed_type=kind, state=SimpleNamespace(fsdp_plugin=fsdp, deepspeed_plugin=deepspeed)
     )
     with pytest.raises(KMergeConfigError, match=refused):
-        _check_sharding(accelerator)
+        check_sharding(accelerator)
 
 
 @pytest.mark.parametrize(

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from kmerge.evaluation import evaluate, summarise
+from kmerge.evaluation import evaluate, evaluate_sharded, summarise
 from kmerge.tasks import Example, Task
 from tests.conftest import randomise_trainables
 from tests.helpers import assert_greedy_equivalent
@@ -172,3 +172,13 @@ def test_choice_metrics_need_choices(model):
 
     with pytest.raises(ValueError, match="answer_choices"):
         evaluate(model, EXAMPLES, NoChoices(), progress=False)
+
+
+def test_evaluate_sharded_in_one_process_is_evaluate(model):
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=True)
+    sharded = evaluate_sharded(accelerator, model, EXAMPLES, Sentiment())
+    full = evaluate(model, EXAMPLES, Sentiment(), progress=False)
+    for key in ("choice_accuracy", "macro_f1", "accuracy", "perplexity", "n"):
+        assert sharded[key] == pytest.approx(full[key])

@@ -18,8 +18,8 @@ from transformers import (
     T5ForConditionalGeneration,
 )
 
-from kmerge.baselines.self_information import token_surprisal
 from kmerge.errors import KMergeConfigError
+from kmerge.methods.self_information import token_surprisal
 from kmerge.modeling import KMergeConfig, KMergeModel
 from tests.conftest import randomise_trainables, tiny_config
 from tests.helpers import assert_greedy_equivalent, next_token_logits

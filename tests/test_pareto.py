@@ -9,9 +9,9 @@ import matplotlib.image
 import pytest
 
 import kmerge.pareto
-from kmerge.baselines import BASELINES
 from kmerge.cli import main
 from kmerge.errors import KMergeConfigError
+from kmerge.methods import METHODS
 from kmerge.pareto import Point, SweepConfig, pareto_front, plan, plot, summarise
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -81,7 +81,7 @@ def test_summarise_perplexity_is_lower_is_better_and_unknown_metrics_fail():
 
 
 def test_plan_orders_points_and_skips_unavailable_methods(monkeypatch):
-    monkeypatch.setattr(BASELINES["llmlingua2"], "unavailable_reason", lambda: "no model here")
+    monkeypatch.setattr(METHODS["llmlingua2"], "unavailable_reason", lambda: "no model here")
     cfg = SweepConfig(
         methods=["kmerge", "full", "meta_tokens", "llmlingua2", "kmerge"],
         ratios=[2, 4],

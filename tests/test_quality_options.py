@@ -356,7 +356,7 @@ def test_training_with_a_cached_teacher_logs_its_hits(tiny_model, tmp_path):
 
 
 def test_protect_surprising_keeps_the_most_surprising_share_raw(tiny_model):
-    from kmerge.baselines.self_information import token_surprisal
+    from kmerge.methods.self_information import token_surprisal
 
     model = tiny_model(4, protect_surprising=0.25)
     prompt = TREE_PROMPTS[0]

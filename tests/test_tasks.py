@@ -10,8 +10,15 @@ from pathlib import Path
 
 import pytest
 
-from kmerge.errors import KMergeDataError
-from kmerge.tasks import Example, get_task, load_examples_file
+from kmerge.errors import KMergeConfigError, KMergeDataError
+from kmerge.tasks import (
+    Example,
+    build_task,
+    check_stages,
+    get_task,
+    load_examples_file,
+    task_stages,
+)
 from kmerge.tasks.amazon import review_label
 from kmerge.tasks.base import ELISION, fit_prompts
 
@@ -255,6 +262,23 @@ def test_file_task_errors(tmp_path):
         get_task("jsonl", train_file=str(path), metrics=["macro_f1"])
     with pytest.raises(KMergeDataError, match="does not take data_dir; its options"):
         get_task("tree", data_dir=str(tmp_path))
+
+
+def test_tasks_answer_for_their_stages_splits_and_run_settings(tmp_path):
+    assert task_stages("tree")[0] == "small" and task_stages("jsonl") == ()
+    assert task_stages("nope") == ()  # building it names the known tasks
+    check_stages("tree", ["small", "medium"])
+    with pytest.raises(KMergeConfigError, match="unknown tree stage 'huge'; known: small"):
+        check_stages("tree", ["huge"])
+    with pytest.raises(KMergeConfigError, match="task 'jsonl' has no stages.*: tree"):
+        check_stages("jsonl", ["small"])
+    tree = build_task("tree", seed=3, stage="medium", n_eval=5, n_train=7)
+    assert (tree.stage, tree.seed, tree.n_test, tree.n_train) == ("medium", 3, 5, 7)
+    assert build_task("tree", 0, "small", 5).n_train == 2048  # the task's own default
+    path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "a", "answer": "b"}])
+    files = build_task("jsonl", 1, "small", 5, options={"train_file": str(path)})
+    assert files.has_split("train") and not files.has_split("test") and tree.has_split("test")
+    assert files.filtered_rows == 0 and tree.filtered_rows == 0
 
 
 # ---------------------------------------------------------------- --max-prompt-tokens

@@ -131,7 +131,8 @@ def _data_settings(args: argparse.Namespace):
 def cmd_train(args: argparse.Namespace) -> None:
     from accelerate import PartialState
 
-    from kmerge.training import NonFiniteLossError, TrainingInterrupted, train
+    from kmerge.checkpointing import TrainingInterrupted
+    from kmerge.training import NonFiniteLossError, train
 
     cfg = _train_config(args, output_dir=args.output_dir)
     if _launched_processes(args.num_processes, args.argv):
@@ -209,11 +210,11 @@ def _command(args: argparse.Namespace) -> str:
 
 
 def _write_json(path: Path, payload: dict) -> None:
-    from kmerge.io import atomic_write_text
+    from kmerge.io import write_json
 
     if path.is_dir():
         raise KMergeConfigError(f"{path} is a directory, not a file to write")
-    atomic_write_text(path, json.dumps(payload, indent=2) + "\n")
+    write_json(path, payload)
 
 
 def _check_counts(args: argparse.Namespace, minimum: dict[str, int]) -> None:
@@ -248,8 +249,8 @@ def _load(args: argparse.Namespace):
 
 def cmd_eval(args: argparse.Namespace) -> None:
     from kmerge.evaluation import evaluate
+    from kmerge.tasks import build_task
     from kmerge.tasks.base import fit_prompts
-    from kmerge.training import build_task
 
     _check_counts(args, {"batch_size": 1, "n_eval": 1, "max_new_tokens": 1, "generate_n": 0})
     if args.output and Path(args.output).is_dir():
@@ -277,7 +278,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         **result,
         "prompts_cut": prompts_cut,
         "bad_rows_skipped": task.skipped_rows,
-        "rows_filtered": getattr(task, "filtered_rows", 0),
+        "rows_filtered": task.filtered_rows,
         "task_options": options,
         "command": _command(args),
     }

@@ -9,17 +9,16 @@ The table and the full results (with the training curves) are written as JSON.
 from __future__ import annotations
 
 import dataclasses
-import json
 import multiprocessing
-import platform
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
 
-from kmerge.io import atomic_write_text
+from kmerge.io import write_json
 from kmerge.modeling import KMergeConfig
+from kmerge.provenance import machine_info
 from kmerge.reporting import markdown_table
 from kmerge.training import TrainConfig, train
 
@@ -118,13 +117,9 @@ def run_demo(
     summary = {
         "rows": rows,
         "table": table,
-        "machine": {
-            "platform": platform.platform(),
-            "torch": torch.__version__,
-            "threads": torch.get_num_threads(),
-        },
+        "machine": machine_info(),
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
-    atomic_write_text(output_dir / "results.json", json.dumps(summary, indent=2) + "\n")
+    write_json(output_dir / "results.json", summary)
     print(f"\nresults written to {output_dir / 'results.json'}")
     return rows

@@ -10,12 +10,16 @@ Three kinds of pass, each run only when one of the task's metrics needs it:
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Sequence
 
 import torch
+from accelerate import Accelerator
+from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
+from kmerge.distributed import root_unsharded, weights_sharded
 from kmerge.errors import KMergeConfigError, KMergeDataError
 from kmerge.metrics import (
     exact_match,
@@ -31,7 +35,7 @@ from kmerge.modeling import KMergeModel
 from kmerge.tasks import Example, Task
 from kmerge.tasks.base import example_protect_spans, name_example
 
-__all__ = ["evaluate", "merge_shards", "normalise_answer", "shard_indices"]
+__all__ = ["evaluate", "evaluate_sharded", "merge_shards", "normalise_answer", "shard_indices"]
 
 GENERATION_METRICS = ("accuracy", "edit_similarity")
 CHOICE_METRICS = ("choice_accuracy", "macro_f1")
@@ -170,6 +174,29 @@ def _fill_records(
             row["prediction"] = text.strip()
     for row, p, f in zip(rows, batch.prompt_tokens, batch.positions_fed):
         row |= {"prompt_tokens": p, "positions_fed": f}
+
+
+def evaluate_sharded(
+    accelerator: Accelerator, model: torch.nn.Module, examples: Sequence[Example], task: Task
+) -> dict:
+    """:func:`evaluate` run by every process of a launch (``model`` as accelerate prepared it):
+    each evaluates a shard and the per-example results are gathered, so the numbers equal one
+    process's. The shards are padded to the same length: with sharded weights (FSDP) every
+    process must run every forward pass."""
+    gather = None
+    if accelerator.num_processes > 1:
+        indices = shard_indices(len(examples), accelerator.process_index, accelerator.num_processes)
+        examples = [examples[i] for i in indices]
+
+        def gather(records: list[dict]) -> list[dict]:
+            return merge_shards(gather_object(list(zip(indices, records))))
+
+    sharded = weights_sharded(accelerator)
+    with root_unsharded(model) if sharded else contextlib.nullcontext():
+        return evaluate(
+            accelerator.unwrap_model(model), examples, task,
+            progress=False, gather=gather, synced=sharded,
+        )  # fmt: skip
 
 
 def shard_indices(n: int, rank: int, processes: int) -> list[int]:

@@ -11,12 +11,10 @@ import hashlib
 import json
 import math
 import re
-import shutil
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +24,6 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers import PreTrainedModel
 
-from kmerge.baselines import PromptCompressor, get_compressor
 from kmerge.batching import (
     IGNORE_INDEX,
     BlockAlignment,
@@ -37,8 +34,12 @@ from kmerge.batching import (
 )
 from kmerge.encoder import MergeEncoder, check_k
 from kmerge.errors import KMergeConfigError
+from kmerge.io import atomic_directory
 from kmerge.models import DEFAULT_MODEL, check_causal_lm, lm_logits, load_base_model
 from kmerge.options import option
+
+if TYPE_CHECKING:
+    from kmerge.methods import PromptCompressor
 
 CONFIG_FILE = "kmerge_config.json"
 ENCODER_FILE = "encoder.safetensors"
@@ -75,7 +76,7 @@ class KMergeConfig:
         " ", "put between prompt and answer (the answer is tokenised alone)"
     )
     append_eos: bool = option(True, "end each training answer with EOS")
-    # A token-level prompt compressor of kmerge.baselines (e.g. "random_drop"), applied to the
+    # A token-level prompt compressor of kmerge.methods (e.g. "random_drop"), applied to the
     # prompt ids before merging; None = the whole prompt.
     prompt_compressor: str | None = option(
         None, "token-level compressor applied before merging (e.g. random_drop)"
@@ -144,12 +145,11 @@ class KMergeConfig:
             raise KMergeConfigError(
                 "protected spans and a token-level prompt_compressor cannot be combined"
             )
-        self.make_compressor()  # fails here on an unknown compressor or a bad ratio
+        if self.prompt_compressor is not None:
+            # Imported here: the compressors use the model (modeling must not need them to load).
+            from kmerge.methods import check_compressor
 
-    def make_compressor(self) -> PromptCompressor | None:
-        if self.prompt_compressor is None:
-            return None
-        return get_compressor(self.prompt_compressor, self.compression_ratio, self.compressor_seed)
+            check_compressor(self.prompt_compressor, self.compression_ratio)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -204,7 +204,7 @@ class KMergeModel(nn.Module):
         self.encoder = encoder
         self.tokenizer = tokenizer
         self.config = config
-        self.compressor = config.make_compressor()
+        self.compressor = _make_compressor(config)
 
     # ---------------------------------------------------------------- construction
     @classmethod
@@ -368,7 +368,7 @@ class KMergeModel(nn.Module):
     def _surprisal(self, prompt_ids: list[list[int]]) -> list[list[float]]:
         """Each token's surprisal under the frozen base model (adapters off), cached per
         prompt: the scores never change during training."""
-        from kmerge.baselines.self_information import SelfInformation
+        from kmerge.methods.self_information import SelfInformation
 
         if not hasattr(self, "_surprisal_scorer"):
             self._surprisal_scorer = SelfInformation(ratio=2.0)
@@ -491,7 +491,7 @@ class KMergeModel(nn.Module):
 
     # ---------------------------------------------------------------- persistence
     def save_pretrained(self, directory: str | Path, state_dict: dict | None = None) -> Path:
-        """Write adapter, encoder (safetensors) and kmerge config; atomic (temp dir + rename).
+        """Write adapter, encoder (safetensors) and kmerge config; atomic (``atomic_directory``).
 
         ``state_dict``: this model's full state dict (keys as in ``self.state_dict()``), for
         when its own parameters are shards (FSDP): ``accelerator.get_state_dict`` gathers it."""
@@ -499,9 +499,7 @@ class KMergeModel(nn.Module):
         adapter = _with_prefix(state_dict, "peft_model.")
         encoder = _with_prefix(state_dict, "encoder.")
         directory = Path(directory)
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}-", dir=directory.parent))
-        try:
+        with atomic_directory(directory) as tmp:
             # Embeddings are never trained (they feed the encoder); saying so also stops peft
             # from looking the base model up on the hub.
             self.peft_model.save_pretrained(tmp, save_embedding_layers=False, state_dict=adapter)
@@ -509,16 +507,6 @@ class KMergeModel(nn.Module):
             save_file(encoder, tmp / ENCODER_FILE, metadata={"k": str(self.k)})
             (tmp / CONFIG_FILE).write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
             self.tokenizer.save_pretrained(tmp / "tokenizer")
-            if directory.exists():
-                old = directory.with_name(f".{directory.name}-old")
-                shutil.rmtree(old, ignore_errors=True)
-                directory.rename(old)
-                tmp.rename(directory)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                tmp.rename(directory)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
         return directory
 
     @classmethod
@@ -628,6 +616,16 @@ class KMergeModel(nn.Module):
     @property
     def lora_merged(self) -> bool:
         return any(getattr(m, "merged", False) for m in self.peft_model.modules())
+
+
+def _make_compressor(config: KMergeConfig) -> PromptCompressor | None:
+    """The token-level prompt compressor the config names (None: the whole prompt)."""
+    if config.prompt_compressor is None:
+        return None
+    from kmerge.methods import get_compressor  # not at the top: the compressors use the model
+
+    cfg = config
+    return get_compressor(cfg.prompt_compressor, cfg.compression_ratio, cfg.compressor_seed)
 
 
 def _first_line(err: BaseException) -> str:

@@ -12,8 +12,6 @@ import importlib.metadata
 import inspect
 import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -25,6 +23,7 @@ from transformers import (
 )
 
 from kmerge.errors import KMergeConfigError
+from kmerge.io import atomic_directory
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -81,16 +80,9 @@ def _dequantised_cache(name: str) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     # Write to a temporary sibling and rename, so an interrupted first run never leaves a
     # half-written cache that later loads would trust.
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
-    try:
+    with atomic_directory(target) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        if target.exists():
-            shutil.rmtree(target)
-        tmp.rename(target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 

@@ -17,7 +17,6 @@ not a silent mix.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import io
 import json
@@ -26,12 +25,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from kmerge.baselines import BASELINES, get_baseline
 from kmerge.errors import KMergeConfigError
 from kmerge.evaluation import evaluate
-from kmerge.io import atomic_write_bytes, atomic_write_text
+from kmerge.io import atomic_write_bytes, stored_json, write_json
+from kmerge.io import write_csv as write_csv_rows
+from kmerge.methods import METHODS, get_method
 from kmerge.modeling import CONFIG_FILE, KMergeModel
 from kmerge.options import option
+from kmerge.provenance import as_json, differences
 from kmerge.reporting import markdown_table
 from kmerge.training import TrainConfig, load_data, train
 
@@ -83,10 +84,10 @@ class SweepConfig:
         if not self.seeds:
             raise KMergeConfigError("the sweep needs at least one seed")
         for name in self.methods:
-            if name not in BASELINES:
-                known = ", ".join(sorted(BASELINES))
+            if name not in METHODS:
+                known = ", ".join(sorted(METHODS))
                 raise KMergeConfigError(f"unknown method {name!r}; known methods: {known}")
-        if not self.ratios and any(BASELINES[m].takes_ratio for m in self.methods):
+        if not self.ratios and any(METHODS[m].takes_ratio for m in self.methods):
             raise KMergeConfigError("the sweep needs at least one ratio")
 
 
@@ -97,7 +98,7 @@ def plan(cfg: SweepConfig) -> tuple[list[Point], dict[str, str]]:
     any training."""
     points, skipped = [], {}
     for method in dict.fromkeys(cfg.methods):
-        cls = BASELINES[method]
+        cls = METHODS[method]
         reason = cls.unavailable_reason()
         if reason:
             skipped[method] = reason
@@ -105,14 +106,14 @@ def plan(cfg: SweepConfig) -> tuple[list[Point], dict[str, str]]:
         ratios = list(dict.fromkeys(cfg.ratios)) if cls.takes_ratio else [None]
         for ratio in ratios:
             for seed in dict.fromkeys(cfg.seeds):
-                get_baseline(method, ratio, seed).model_options()
+                get_method(method, ratio, seed).model_options()
                 points.append(Point(method, ratio, seed))
     return points, skipped
 
 
 def point_train_config(cfg: SweepConfig, point: Point) -> TrainConfig:
     """The template run with this point's method options, seed and run directory."""
-    options = get_baseline(point.method, point.ratio, point.seed).model_options()
+    options = get_method(point.method, point.ratio, point.seed).model_options()
     model = dataclasses.replace(cfg.train.model, **options)
     run_dir = Path(cfg.output_dir) / "runs" / point.key
     # A half-finished point is trained again from the start (run_point), so it writes no
@@ -123,7 +124,7 @@ def point_train_config(cfg: SweepConfig, point: Point) -> TrainConfig:
 
 
 def is_tuned(cfg: SweepConfig, point: Point) -> bool:
-    return cfg.tune or not BASELINES[point.method].tune_optional
+    return cfg.tune or not METHODS[point.method].tune_optional
 
 
 def run_point(cfg: SweepConfig, point: Point) -> dict:
@@ -144,7 +145,7 @@ def run_point(cfg: SweepConfig, point: Point) -> dict:
         result = train(dataclasses.replace(train_cfg, overwrite=True))
         model, evaluation = result.model, result.final_eval
         summary = {"train_seconds": result.train_seconds, "steps": result.steps}
-        _write_json(summary_file, summary | {"train_config": settings})
+        write_json(summary_file, summary | {"train_config": settings})
     if evaluation is None:  # train evaluates its final weights on these same examples
         data = load_data(train_cfg, model.tokenizer)
         evaluation = evaluate(model, data.held_out, data.task, progress=train_cfg.progress)
@@ -154,7 +155,7 @@ def run_point(cfg: SweepConfig, point: Point) -> dict:
         "target_ratio": point.ratio,
         "seed": point.seed,
         "tuned": tuned,
-        "exact_ratio": BASELINES[point.method].exact_ratio,
+        "exact_ratio": METHODS[point.method].exact_ratio,
         **summary,
         "evaluation": scalars,
         "command": cfg.command,
@@ -173,18 +174,19 @@ def run_sweep(cfg: SweepConfig, log=print) -> dict:
         log(f"skipping {method}: {reason}")
     records = []
     for i, point in enumerate(points, start=1):
-        path = out / "points" / f"{point.key}.json"
-        if path.is_file():
-            record = json.loads(path.read_text())
+        path, name = out / "points" / f"{point.key}.json", f"[{i}/{len(points)}] {point.key}"
+
+        def reuse(record: dict, point: Point = point, path: Path = path, name: str = name) -> None:
             then = record["train_config"] | {"tune": record["tuned"]}
             now = _settings(point_train_config(cfg, point)) | {"tune": is_tuned(cfg, point)}
             _check_same_settings(then, now, path)
-            log(f"[{i}/{len(points)}] {point.key}: done before, reused")
-        else:
-            log(f"[{i}/{len(points)}] {point.key}: running")
-            record = run_point(cfg, point)
-            _write_json(path, record)
-        records.append(record)
+            log(f"{name}: done before, reused")
+
+        def compute(point: Point = point, name: str = name) -> dict:
+            log(f"{name}: running")
+            return run_point(cfg, point)
+
+        records.append(stored_json(path, compute, reuse))
     summary = summarise(records, cfg.metric, cfg.higher_is_better)
     payload = {
         "task": cfg.train.task,
@@ -195,7 +197,7 @@ def run_sweep(cfg: SweepConfig, log=print) -> dict:
         "points": records,
         "skipped": skipped,
     }
-    _write_json(out / "results.json", payload)
+    write_json(out / "results.json", payload)
     write_csv(out / "results.csv", summary["rows"])
     title = f"{cfg.train.task}: quality vs compression"
     plot(out / "pareto.png", summary["rows"], summary["metric"], summary["higher_is_better"], title)
@@ -268,12 +270,8 @@ CSV_COLUMNS = (
 
 
 def write_csv(path: Path, rows: list[dict]) -> None:
-    f = io.StringIO(newline="")
-    writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow(row | {"seeds": " ".join(str(s) for s in row["seeds"])})
-    atomic_write_text(path, f.getvalue())
+    rows = [row | {"seeds": " ".join(str(s) for s in row["seeds"])} for row in rows]
+    write_csv_rows(path, rows, CSV_COLUMNS)
 
 
 def format_table(rows: list[dict], metric: str) -> str:
@@ -346,21 +344,16 @@ def plot(
 # ---------------------------------------------------------------- files
 def _settings(train_cfg: TrainConfig) -> dict:
     """The run's settings as JSON values, without the ones that do not change the result."""
-    data = json.loads(json.dumps(train_cfg.to_dict()))
+    data = as_json(train_cfg.to_dict())
     for name in IGNORED_SETTINGS:
         data.pop(name, None)
     return data
 
 
 def _check_same_settings(then: dict, now: dict, path: Path) -> None:
-    changed = sorted(k for k in then.keys() | now.keys() if then.get(k) != now.get(k))
+    changed = list(differences(then, now))
     if changed:
         raise KMergeConfigError(
             f"{path} was computed with other settings ({', '.join(changed)}); "
             "use another --output-dir, or the settings it was made with"
         )
-
-
-def _write_json(path: Path, payload: dict) -> None:
-    """Atomically, so a crash never leaves a half-written result a resumed sweep would trust."""
-    atomic_write_text(path, json.dumps(payload, indent=2) + "\n")

@@ -1,4 +1,5 @@
-"""A name -> class registry, the one behind tasks and baselines (a plug-in is one decorator)."""
+"""A name -> class registry, the one behind tasks and compression methods (a plug-in is one
+decorator)."""
 
 from __future__ import annotations
 

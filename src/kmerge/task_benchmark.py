@@ -8,29 +8,23 @@ rewritten from all stored runs. P-LF1 for perplexity uses the K = 1 run as the r
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import json
-import os
-import platform
+import functools
 import time
 from pathlib import Path
 
-import torch
-
-from kmerge.io import atomic_write_text
+from kmerge.io import atomic_write_text, stored_json, write_csv, write_json
 from kmerge.metrics import p_lf1, perplexity_performance
 from kmerge.modeling import KMergeConfig
+from kmerge.provenance import machine_info
 from kmerge.reporting import markdown_table
 from kmerge.training import TrainConfig, train
 
 METRIC_COLUMNS = ("choice_accuracy", "accuracy", "macro_f1", "perplexity", "edit_similarity")
 
 
-def run_point(cfg: TrainConfig, path: Path, command: str) -> dict:
-    """Train and evaluate one (task, K); store the result atomically and return it."""
-    if path.is_file():
-        return json.loads(path.read_text())
+def train_row(cfg: TrainConfig, path: Path, command: str) -> dict:
+    """Train and evaluate one (task, K) in the run directory next to its result ``path``."""
     # The point's own run directory: an unfinished attempt (no result file yet) is replaced,
     # so it writes no resumable checkpoints.
     run_dir = str(path.with_suffix(""))
@@ -49,10 +43,9 @@ def run_point(cfg: TrainConfig, path: Path, command: str) -> dict:
         **{k: v for k, v in result.final_eval.items() if k not in ("predictions", "choices")},
         "data": data,
         "command": command,
-        "machine": f"{platform.machine()} {os.cpu_count()} cpus, torch {torch.__version__}",
+        "machine": machine_info(),
         "date": time.strftime("%Y-%m-%d %H:%M"),
     }
-    atomic_write_text(path, json.dumps(row, indent=2) + "\n")
     return row
 
 
@@ -96,14 +89,10 @@ def write_results(rows: list[dict], output_dir: Path) -> str:
     """results.json, results.csv and table.md from the stored rows; returns the table."""
     add_reference_p_lf1(rows)
     table = format_table(rows)
-    (output_dir / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
-    (output_dir / "table.md").write_text(table + "\n")
-    flat = [{k: v for k, v in r.items() if not isinstance(v, dict)} for r in rows]
-    keys = list(dict.fromkeys(k for r in flat for k in r))
-    with (output_dir / "results.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=keys)
-        writer.writeheader()
-        writer.writerows(flat)
+    write_json(output_dir / "results.json", rows)
+    atomic_write_text(output_dir / "table.md", table + "\n")
+    write_csv(output_dir / "results.csv", [{k: v for k, v in r.items() if not isinstance(v, dict)}
+                                           for r in rows])  # fmt: skip
     return table
 
 
@@ -120,5 +109,6 @@ def run_task_benchmark(
     rows = []
     for k in ks:
         cfg = TrainConfig(model=KMergeConfig(k=k, **(model or {})), task=task, **settings)
-        rows.append(run_point(cfg, output_dir / task / f"k{k}.json", command))
+        path = output_dir / task / f"k{k}.json"  # an interrupted benchmark reuses it
+        rows.append(stored_json(path, functools.partial(train_row, cfg, path, command)))
     return rows

@@ -20,8 +20,6 @@ import math
 import os
 import random
 import shutil
-import signal
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -30,28 +28,26 @@ from typing import Literal
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import gather_object, set_seed
+from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from kmerge.checkpointing import (
-    checkpoints_dir,
-    latest_checkpoint,
-    read_state,
-    save_checkpoint,
+    Checkpointer,
+    checkpoint_to_resume,
+    read_history,
     save_model,
     store_model_as_adapter,
-    weights_sharded,
 )
+from kmerge.distributed import make_accelerator
 from kmerge.errors import KMergeConfigError, KMergeDataError
-from kmerge.evaluation import evaluate, merge_shards, shard_indices
-from kmerge.io import atomic_write_text
+from kmerge.evaluation import evaluate_sharded
+from kmerge.io import atomic_write_text, write_json
 from kmerge.modeling import KMergeConfig, KMergeModel
 from kmerge.options import option
-from kmerge.tasks import Example, Task, get_task
+from kmerge.provenance import as_json, differences
+from kmerge.tasks import Example, Task, build_task, check_stages, task_stages
 from kmerge.tasks.base import example_protect_spans, fit_prompts, name_example
-from kmerge.tasks.files import FileTask
-from kmerge.tasks.tree import STAGES
 
 
 @dataclass
@@ -203,12 +199,11 @@ class TrainConfig:
             )
         if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:
             raise KMergeConfigError(f"max_prompt_tokens must be >= 1, got {self.max_prompt_tokens}")
-        if self.curriculum and self.task != "tree":
-            raise KMergeConfigError("a curriculum walks tree stages: it needs --task tree")
-        stages = self.curriculum or ([self.stage] if self.task == "tree" else [])
-        for stage in stages:
-            if stage not in STAGES:
-                raise KMergeConfigError(f"unknown tree stage {stage!r}; known: {', '.join(STAGES)}")
+        if self.curriculum and not task_stages(self.task):
+            raise KMergeConfigError(
+                f"a curriculum walks a task's stages: task {self.task!r} has none"
+            )
+        check_stages(self.task, self.curriculum or ([self.stage] if task_stages(self.task) else []))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -238,7 +233,7 @@ class TaskData:
             "n_eval": len(self.held_out),
             "prompts_cut": self.prompts_cut,
             "bad_rows_skipped": self.task.skipped_rows,
-            "rows_filtered": getattr(self.task, "filtered_rows", 0),
+            "rows_filtered": self.task.filtered_rows,
         }
 
 
@@ -254,10 +249,7 @@ def load_data(
     if cfg.n_train is None and not task.generates_examples:
         n_train = None  # every row of the task's training data
     train = task.examples("train", n_train)
-    if isinstance(task, FileTask) and task.files["test"] is None:
-        held_out = []  # user data without an eval file: train only, no evaluation
-    else:
-        held_out = task.examples("test", cfg.n_eval)
+    held_out = task.examples("test", cfg.n_eval) if task.has_split("test") else []
     if cfg.balance_classes:
         train = balanced(train, cfg.seed)
     train, cut_train = fit_prompts(train, tokenizer, cfg.max_prompt_tokens)
@@ -288,24 +280,6 @@ def balanced(examples: list[Example], seed: int) -> list[Example]:
     return out
 
 
-def build_task(
-    name: str,
-    seed: int,
-    stage: str,
-    n_eval: int,
-    n_train: int | None = None,
-    options: dict | None = None,
-) -> Task:
-    """A task from the settings train and eval share (only the tree task has stages; its
-    ``n_train`` defaults to the task's own). ``options`` go to the task's constructor."""
-    kwargs: dict = {"seed": seed} | (options or {})
-    if name == "tree":
-        kwargs |= {"stage": stage, "n_test": n_eval}
-        if n_train is not None:
-            kwargs["n_train"] = n_train
-    return get_task(name, **kwargs)
-
-
 def make_optimizer(model: KMergeModel, cfg: TrainConfig) -> torch.optim.AdamW:
     encoder_params = [p for p in model.encoder.parameters() if p.requires_grad]
     encoder_ids = {id(p) for p in encoder_params}
@@ -316,21 +290,11 @@ def make_optimizer(model: KMergeModel, cfg: TrainConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
 
 
-class TrainingInterrupted(Exception):
-    """SIGINT or SIGTERM stopped the run after a whole step; ``checkpoint`` holds everything
-    needed to continue it with ``resume=True``."""
-
-    def __init__(self, signum: int, step: int, checkpoint: Path):
-        self.signum, self.step, self.checkpoint = signum, step, checkpoint
-        name = signal.Signals(signum).name
-        super().__init__(
-            f"stopped by {name} after step {step}; checkpoint {checkpoint} (continue with --resume)"
-        )
-
-
 class NonFiniteLossError(FloatingPointError):
     """The loss became NaN or infinite: the run stopped before that update."""
 
+
+METRICS_FILE = "metrics.jsonl"  # one JSON record per line: the run's history, as it goes
 
 # Settings a resumed run may change: none of them touches the numbers the run computes.
 RESUMABLE_CHANGES = (
@@ -356,7 +320,7 @@ class Progress:
     train_seconds: float = 0.0  # optimisation only, on the budget's clock (wall or cpu)
     teacher_seconds: float = 0.0  # of which the distillation teacher's forward passes (wall)
     final_eval: dict | None = None
-    history: list[dict] = field(default_factory=list)
+    records: int = 0  # logged to metrics.jsonl (the log itself is not copied into checkpoints)
 
     def next_stage(self) -> None:
         self.stage_index, self.stage_step, self.window = self.stage_index + 1, 0, []
@@ -371,12 +335,12 @@ def train(cfg: TrainConfig, model: KMergeModel | None = None) -> TrainResult:
     SIGTERM finishes the step, checkpoints and raises TrainingInterrupted; ``resume`` continues
     from the newest complete checkpoint. A NaN/inf loss raises NonFiniteLossError."""
     set_seed(cfg.seed)
-    accelerator = _make_accelerator(cfg)
+    accelerator = make_accelerator(cfg.mixed_precision, cfg.grad_accum, cfg.batch_size)
     out_dir = Path(cfg.output_dir) if cfg.output_dir else None
     # Every input is read and checked before anything is written: a run that fails on bad
     # data, a bad checkpoint or a taken output directory leaves that directory as it was.
     _check_output_dir(cfg, out_dir)  # before the slow part: fail early
-    resume_from = _checkpoint_to_resume(cfg, out_dir)
+    resume_from = checkpoint_to_resume(out_dir, cfg.resume, cfg.overwrite)
     if model is None:
         model = KMergeModel.from_base(cfg.model.base_model, cfg.model)
     if model.lora_merged:
@@ -429,7 +393,7 @@ def train(cfg: TrainConfig, model: KMergeModel | None = None) -> TrainResult:
         save_model(accelerator, model, out_dir / "checkpoint")
     model = accelerator.unwrap_model(model)  # with FSDP its weights stay shards
     model.eval()
-    return TrainResult(model, progress.history, train_seconds, progress.step, progress.final_eval)
+    return TrainResult(model, trainer.history, train_seconds, progress.step, progress.final_eval)
 
 
 def warm_start(model: KMergeModel, checkpoint: str | Path) -> None:
@@ -504,18 +468,22 @@ def _clock(kind: str) -> float:
 
 
 class _Trainer:
-    """The training loop: its state (``progress``) and the steps that move it on."""
+    """The training loop: its state (``progress``) and the steps that move it on. Checkpoints
+    and signals are the ``checkpoints``' business; sharded evaluation is ``evaluate_sharded``."""
 
     def __init__(self, cfg, accelerator, model, optimizer, scheduler, out_dir: Path | None):
         self.cfg, self.accelerator, self.out_dir = cfg, accelerator, out_dir
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         # One pass per curriculum stage; other tasks have one, named after the task in the logs.
-        self.stages = cfg.curriculum or [cfg.stage if cfg.task == "tree" else cfg.task]
+        self.stages = cfg.curriculum or [cfg.stage if task_stages(cfg.task) else cfg.task]
         self.tokenizer = accelerator.unwrap_model(model).tokenizer
         self.progress = Progress()
-        self.checkpoint: Path | None = None  # the newest one written or resumed from
+        self.history: list[dict] = []  # every record logged, as in metrics.jsonl
+        identity = _identity(cfg, accelerator, model)
+        self.checkpoints = Checkpointer(
+            accelerator, out_dir, identity, cfg.checkpoint_every, cfg.keep_checkpoints
+        )
         self.start = time.perf_counter()
-        self.stop_signals: list[int] = []
         self.metrics_file = None
         self.bar = None
         self.distiller = None
@@ -531,7 +499,7 @@ class _Trainer:
         return record
 
     def log(self, record: dict) -> None:
-        self.progress.history.append(record)
+        self.history.append(record)
         if self.metrics_file:
             self.metrics_file.write(json.dumps(record) + "\n")
             self.metrics_file.flush()
@@ -540,12 +508,13 @@ class _Trainer:
     def run(self) -> None:
         acc, cfg = self.accelerator, self.cfg
         with contextlib.ExitStack() as stack:
-            if cfg.checkpoint_every:  # a signal then checkpoints and stops the run cleanly
-                self.stop_signals = stack.enter_context(_stop_requests())
+            stack.enter_context(self.checkpoints.catching_signals())
             if self.out_dir and acc.is_main_process:
-                self.metrics_file = stack.enter_context((self.out_dir / "metrics.jsonl").open("w"))
-                for record in self.progress.history:  # a resumed run's records so far
-                    self.metrics_file.write(json.dumps(record) + "\n")
+                # A resumed run's records so far (those logged after its checkpoint go), written
+                # whole before appending: the log is where a later resume finds them.
+                path = self.out_dir / METRICS_FILE
+                atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in self.history))
+                self.metrics_file = stack.enter_context(path.open("a"))
             self.bar = stack.enter_context(
                 tqdm(
                     total=cfg.steps * len(self.stages),
@@ -582,7 +551,7 @@ class _Trainer:
                 done = done or bool(cfg.curriculum) and result[result["primary_metric"]] >= gate
             if done:
                 p.next_stage()  # so that a checkpoint taken now starts the next stage
-            self._checkpoint_if_due()
+            self.checkpoints.after_step(p.step, self._progress_state)
             if done:
                 return
 
@@ -673,9 +642,10 @@ class _Trainer:
         return step_loss
 
     def _non_finite_message(self, loss: float, stage: str) -> str:
+        latest = self.checkpoints.latest
         kept = (
-            f"the last good checkpoint is {self.checkpoint}"
-            if self.checkpoint
+            f"the last good checkpoint is {latest}"
+            if latest
             else "no checkpoint was written before it"
         )
         return (
@@ -700,24 +670,9 @@ class _Trainer:
             p.window = []
 
     def _evaluate(self, data: TaskData, stage: str) -> dict:
-        """Held-out metrics. With several processes each evaluates a shard and the per-example
-        results are gathered, so the numbers equal one process's. The shards are padded to the
-        same length: with sharded weights (FSDP) every process must run every forward pass."""
-        acc, p = self.accelerator, self.progress
-        examples, gather = data.held_out, None
-        if acc.num_processes > 1:
-            indices = shard_indices(len(examples), acc.process_index, acc.num_processes)
-            examples = [data.held_out[i] for i in indices]
-
-            def gather(records: list[dict]) -> list[dict]:
-                return merge_shards(gather_object(list(zip(indices, records))))
-
-        sharded = weights_sharded(acc)
-        with _root_unsharded(self.model) if sharded else contextlib.nullcontext():
-            final_eval = evaluate(
-                acc.unwrap_model(self.model), examples, data.task,
-                progress=False, gather=gather, synced=sharded,
-            )  # fmt: skip
+        """Held-out metrics (every process evaluates a shard), logged."""
+        p = self.progress
+        final_eval = evaluate_sharded(self.accelerator, self.model, data.held_out, data.task)
         primary = final_eval["primary_metric"]
         p.eval_seconds += final_eval["eval_seconds"]
         p.final_eval = final_eval
@@ -735,147 +690,43 @@ class _Trainer:
                 "train_seconds": p.train_seconds,
             }
         )
-        if acc.is_main_process:
+        if self.accelerator.is_main_process:
             self.bar.write(
                 f"step {p.step} stage {stage}: held-out {primary} {final_eval[primary]:.3f}"
             )
         return final_eval
 
     # ------------------------------------------------------------------ checkpoints
-    def _checkpoint_if_due(self) -> None:
-        """Checkpoint every ``save_every`` steps; on SIGINT/SIGTERM checkpoint and stop."""
-        signum = self._stop_signal()
-        every = self.cfg.checkpoint_every
-        if signum or (every and self.progress.step % every == 0):
-            self.save()
-        if signum:
-            raise TrainingInterrupted(signum, self.progress.step, self.checkpoint)
-
-    def _stop_signal(self) -> int:
-        """The signal received (0: none), agreed on by all processes so that they all stop after
-        the same step."""
-        signum = self.stop_signals[0] if self.stop_signals else 0
-        if self.accelerator.num_processes > 1:
-            flags = torch.tensor([signum], device=self.accelerator.device)
-            signum = int(self.accelerator.gather(flags).max())
-        return signum
-
-    def save(self) -> None:
+    def _progress_state(self) -> dict:
+        """What a checkpoint taken now saves of the run's progress (with the log on disk)."""
         p = self.progress
-        p.elapsed = self.elapsed()
-        state = {"run": self._identity(), "progress": dataclasses.asdict(p)}
-        root = checkpoints_dir(self.out_dir)
-        self.checkpoint = save_checkpoint(
-            self.accelerator, root, p.step, state, self.cfg.keep_checkpoints
-        )
+        p.elapsed, p.records = self.elapsed(), len(self.history)
+        if self.metrics_file:  # the records the checkpoint counts are on disk before it is
+            os.fsync(self.metrics_file.fileno())
+        return dataclasses.asdict(p)
 
     def resume(self, path: Path) -> None:
         """Continue from the checkpoint at ``path``: refused if another run wrote it."""
-        state = read_state(path)
-        mismatches = _differences(state["run"], self._identity())
-        if mismatches:
-            raise KMergeConfigError(
-                f"checkpoint {path} was written by a run with other settings "
-                f"({'; '.join(mismatches)}): resume with the same settings or use another "
-                "output directory"
-            )
-        self.accelerator.load_state(path)  # model, optimizer, scheduler, RNG states
-        self.progress = Progress(**state["progress"])
+        saved = self.checkpoints.resume(path)
+        history = saved.pop("history", None)  # checkpoints of earlier versions carried the log
+        self.progress = Progress(**saved)
+        if history is None:
+            history = read_history(self.out_dir / METRICS_FILE, self.progress.records, path)
+        self.history = history
         self.start = time.perf_counter() - self.progress.elapsed
-        self.checkpoint = path
-        self.progress.history.append({"step": self.progress.step, "resumed_from": str(path)})
-
-    def _identity(self) -> dict:
-        """What a checkpoint and the run that resumes it must agree on."""
-        settings = {k: v for k, v in self.cfg.to_dict().items() if k not in RESUMABLE_CHANGES}
-        identity = {
-            "config": settings,
-            "model": self.accelerator.unwrap_model(self.model).config.to_dict(),
-            "processes": self.accelerator.num_processes,
-            "mixed_precision": self.accelerator.mixed_precision,
-        }
-        return json.loads(json.dumps(identity))  # as it reads back from JSON
+        self.history.append({"step": self.progress.step, "resumed_from": str(path)})
 
 
-def _make_accelerator(cfg: TrainConfig) -> Accelerator:
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
-    # Without a GPU, accelerate runs the processes of a multi-process launch as unrelated single
-    # processes unless told to use the CPU; then they train together over gloo.
-    cpu = launched > 1 and not _gpu_available()
-    try:
-        accelerator = Accelerator(
-            cpu=cpu,
-            mixed_precision=cfg.mixed_precision,
-            gradient_accumulation_steps=cfg.grad_accum,
-            step_scheduler_with_optimizer=False,  # stepped by hand, once per optimizer step
-        )
-    except ValueError as err:  # e.g. fp16 without a GPU
-        raise KMergeConfigError(f"mixed_precision={cfg.mixed_precision!r}: {err}") from None
-    if launched > 1 and accelerator.num_processes == 1:
-        raise KMergeConfigError(
-            f"launched as {launched} processes but accelerate set up a single one "
-            f"({accelerator.distributed_type}); check the accelerate config"
-        )
-    _check_sharding(accelerator)
-    deepspeed = accelerator.state.deepspeed_plugin
-    if deepspeed:  # DeepSpeed wants the batch size at the model's prepare(), before any loader
-        deepspeed.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.batch_size
-    return accelerator
-
-
-def _check_sharding(accelerator: Accelerator) -> None:
-    """Refuse the weight-sharding engines kmerge does not drive: FSDP1 (kmerge gathers the
-    FSDP2 root module's weights for its own code, ``_root_unsharded``) and DeepSpeed ZeRO-3
-    (neither its lockstep generation nor its gathered export is wired up)."""
-    fsdp = accelerator.state.fsdp_plugin if weights_sharded(accelerator) else None
-    if fsdp is not None and fsdp.fsdp_version != 2:
-        raise KMergeConfigError(
-            f"FSDP version {fsdp.fsdp_version} is not supported: set fsdp_version: 2 in the "
-            "accelerate config (examples/accelerate/fsdp.yaml)"
-        )
-    deepspeed = accelerator.state.deepspeed_plugin
-    if deepspeed and deepspeed.zero_stage == 3:
-        raise KMergeConfigError(
-            "DeepSpeed ZeRO-3 is not supported; use FSDP (examples/accelerate/fsdp.yaml) to "
-            "shard the weights, or ZeRO-2 (docs/distributed.md)"
-        )
-
-
-@contextlib.contextmanager
-def _root_unsharded(model: torch.nn.Module) -> Iterator[None]:
-    """Gather the FSDP root module's own weights (embeddings, merge encoder, LM head) for the
-    code that runs outside its forward pass: evaluation prepares batches and generates through
-    the unwrapped model. The decoder layers, wrapped on their own, gather theirs in each of
-    their forward passes, together with the other processes."""
-    model.unshard()
-    try:
-        yield
-    finally:
-        model.reshard()
-
-
-def _gpu_available() -> bool:
-    devices = getattr(torch, "accelerator", None)  # torch >= 2.6 knows every device type
-    return devices.is_available() if devices else torch.cuda.is_available()
-
-
-def _checkpoint_to_resume(cfg: TrainConfig, out_dir: Path | None) -> Path | None:
-    """The checkpoint to continue from (None: a fresh run); an earlier run's checkpoints are
-    never overwritten by a fresh run by mistake."""
-    if out_dir is None:
-        return None
-    root = checkpoints_dir(out_dir)
-    if cfg.overwrite:  # an earlier run's checkpoints go when this run starts writing
-        return None
-    latest = latest_checkpoint(root) if root.is_dir() else None
-    if cfg.resume and latest is None:
-        raise KMergeConfigError(f"--resume: no complete checkpoint in {root} to continue from")
-    if latest is not None and not cfg.resume:
-        raise KMergeConfigError(
-            f"{root} holds checkpoints of an earlier run (newest: {latest.name}): pass --resume "
-            "to continue it, --overwrite to replace it, or use another output directory"
-        )
-    return latest
+def _identity(cfg: TrainConfig, accelerator: Accelerator, model) -> dict:
+    """What a checkpoint and the run that resumes it must agree on."""
+    settings = {k: v for k, v in cfg.to_dict().items() if k not in RESUMABLE_CHANGES}
+    identity = {
+        "config": settings,
+        "model": accelerator.unwrap_model(model).config.to_dict(),
+        "processes": accelerator.num_processes,
+        "mixed_precision": accelerator.mixed_precision,
+    }
+    return as_json(identity)
 
 
 # What a run writes in its output directory (besides metrics.jsonl, train_config.json).
@@ -898,7 +749,7 @@ def _check_output_dir(cfg: TrainConfig, out_dir: Path | None) -> None:
         return
     names = sorted(p.name for p in out_dir.iterdir())
     if not names or (out_dir / "checkpoints").is_dir():
-        return  # empty, or checkpoints: _checkpoint_to_resume decides
+        return  # empty, or checkpoints: checkpoint_to_resume decides
     if _unfinished_run_of(cfg, out_dir, names):
         return
     finished = [n for n in RUN_OUTPUTS if n in names]
@@ -926,8 +777,8 @@ def _unfinished_run_of(cfg: TrainConfig, out_dir: Path, names: list[str]) -> boo
         return False
     if not isinstance(saved, dict):
         return False
-    current = json.loads(json.dumps(cfg.to_dict()))
-    return not _differences(
+    current = as_json(cfg.to_dict())
+    return not differences(
         {k: v for k, v in saved.items() if k not in RESUMABLE_CHANGES},
         {k: v for k, v in current.items() if k not in RESUMABLE_CHANGES},
     )
@@ -944,43 +795,7 @@ def _start_output(cfg: TrainConfig, out_dir: Path) -> None:
                 shutil.rmtree(path)
             elif path.exists() or path.is_symlink():
                 path.unlink()
-    atomic_write_text(out_dir / "train_config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
-
-
-@contextlib.contextmanager
-def _stop_requests() -> Iterator[list[int]]:
-    """Note SIGINT/SIGTERM in a list instead of stopping at once, so that the loop can finish
-    its step and checkpoint; a second signal of the same kind acts as it did before."""
-    received: list[int] = []
-    if threading.current_thread() is not threading.main_thread():
-        yield received  # only the main thread may set signal handlers
-        return
-
-    def note(signum: int, frame) -> None:
-        received.append(signum)
-        signal.signal(signum, previous[signum])
-
-    kinds = (signal.SIGINT, signal.SIGTERM)
-    previous = {s: signal.getsignal(s) or signal.SIG_DFL for s in kinds}
-    for s in kinds:
-        signal.signal(s, note)
-    try:
-        yield received
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-
-
-def _differences(saved: dict, current: dict, prefix: str = "") -> list[str]:
-    """``key: saved value there, current value here`` for every leaf that differs."""
-    out = []
-    for key in sorted(set(saved) | set(current)):
-        a, b = saved.get(key), current.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += _differences(a, b, f"{prefix}{key}.")
-        elif a != b:
-            out.append(f"{prefix}{key}: {a!r} there, {b!r} here")
-    return out
+    write_json(out_dir / "train_config.json", cfg.to_dict())
 
 
 def _encode_rng(state: torch.Tensor) -> str:

@@ -7,7 +7,7 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from kmerge.errors import KMergeDataError
+from kmerge.errors import KMergeConfigError, KMergeDataError
 from kmerge.registry import Registry
 
 SPLITS = ("train", "test")
@@ -40,15 +40,31 @@ class Task:
     # How many examples evaluation generates for (None: all); generation is the slow part.
     generate_n: int | None = None
     skipped_rows: int = 0  # bad rows skipped while loading (skip_bad_rows)
+    filtered_rows: int = 0  # good rows the task's own filter left out (reported, never silent)
     # The question part of the task's prompts, as a regular expression: what `protect_query`
     # keeps as ordinary tokens (KMergeConfig.protect_pattern). None: the task has none.
     query_pattern: str | None = None
     # The task can make as many fresh training examples as a run consumes (n_train=None).
     generates_examples: bool = False
+    # Named levels a run picks one of (its ``stage``) and a curriculum walks, easiest first
+    # (the tree's sizes); empty: the task has one level.
+    stages: tuple[str, ...] = ()
+
+    @classmethod
+    def run_options(cls, stage: str, n_eval: int, n_train: int | None) -> dict:
+        """Constructor options that come from a run's settings rather than its task options:
+        the stage and split sizes, for tasks that take them (see ``build_task``)."""
+        return {}
 
     def examples(self, split: str, n: int | None = None) -> list[Example]:
         check_split(split)
         return self._examples(split, n)
+
+    def has_split(self, split: str) -> bool:
+        """Whether there is data for ``split`` (a user's files may come without an eval file:
+        the run then trains without evaluating)."""
+        check_split(split)
+        return True
 
     def _examples(self, split: str, n: int | None) -> list[Example]:
         raise NotImplementedError(f"task {self.name!r} does not implement _examples")
@@ -73,6 +89,38 @@ def get_task(name: str, **kwargs) -> Task:
             f"task {name!r} does not take {', '.join(unknown)}; its options: {', '.join(accepted)}"
         )
     return cls(**kwargs)
+
+
+def build_task(
+    name: str,
+    seed: int,
+    stage: str,
+    n_eval: int,
+    n_train: int | None = None,
+    options: dict | None = None,
+) -> Task:
+    """A task from the settings train and eval share: ``options`` go to the task's constructor,
+    with what the task takes of the stage and split sizes (``Task.run_options``; tasks that
+    generate examples have their own ``n_train`` default)."""
+    run_options = TASKS.lookup(name).run_options(stage, n_eval, n_train)
+    return get_task(name, **({"seed": seed} | (options or {}) | run_options))
+
+
+def task_stages(name: str) -> tuple[str, ...]:
+    """The stages of task ``name`` (empty for an unknown one: building it says so)."""
+    cls = TASKS.get(name)
+    return cls.stages if cls else ()
+
+
+def check_stages(name: str, stages: Sequence[str]) -> None:
+    """Refuse stages that task ``name`` does not have, in one line naming those it has."""
+    known = task_stages(name)
+    for stage in stages:
+        if not known:
+            staged = ", ".join(sorted(n for n, c in TASKS.items() if c.stages))
+            raise KMergeConfigError(f"task {name!r} has no stages (tasks with stages: {staged})")
+        if stage not in known:
+            raise KMergeConfigError(f"unknown {name} stage {stage!r}; known: {', '.join(known)}")
 
 
 def sample(examples: list[Example], n: int | None, seed: int) -> list[Example]:

@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from kmerge.errors import KMergeDataError
-from kmerge.tasks.base import Example, register_task
+from kmerge.tasks.base import Example, check_split, register_task
 from kmerge.tasks.records import (
     Converted,
     RecordTask,
@@ -112,6 +112,10 @@ class FileTask(RecordTask):
         if not answer_choices and {"choice_accuracy", "macro_f1"} & set(self.metrics):
             raise KMergeDataError("choice_accuracy and macro_f1 need answer_choices")
         self.primary_metric = self.metrics[0]
+
+    def has_split(self, split: str) -> bool:
+        check_split(split)
+        return self.files[split] is not None
 
     def local_file(self, split: str) -> Path | None:
         path = self.files[split]

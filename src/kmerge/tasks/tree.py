@@ -211,6 +211,12 @@ class TreeTask(Task):
     answer_choices = ("true", "false")
     query_pattern = r"Parent: \S+, Child: \S+, Answer:$"
     generates_examples = True
+    stages = STAGE_ORDER
+
+    @classmethod
+    def run_options(cls, stage: str, n_eval: int, n_train: int | None) -> dict:
+        options = {"stage": stage, "n_test": n_eval}
+        return options if n_train is None else options | {"n_train": n_train}
 
     def __init__(
         self,

@@ -1,4 +1,4 @@
-"""The method registry of the Pareto sweep: kmerge itself and the baselines it is compared with.
+"""Compression methods behind one registry: kmerge itself and the baselines it is compared with.
 
 Every method turns a target compression ratio into the :class:`~kmerge.KMergeConfig` of the
 model it trains and evaluates (:meth:`Method.model_options`), so the sweep runs all of them
@@ -56,12 +56,17 @@ class Method:
     tune_optional: ClassVar[bool] = False  # True: `--no-tune` evaluates it without LoRA-tuning
 
     def __init__(self, ratio: float | None = None, seed: int = 0) -> None:
-        if self.takes_ratio:
-            if ratio is None:
-                raise KMergeConfigError(f"method {self.name!r} needs a compression ratio")
-            check_ratio(ratio)
+        self.check_ratio_for(ratio)
         self.ratio = ratio if self.takes_ratio else None
         self.seed = seed
+
+    @classmethod
+    def check_ratio_for(cls, ratio: float | None) -> None:
+        """Refuse a ratio this method cannot run at (none where it needs one, or not >= 1)."""
+        if cls.takes_ratio:
+            if ratio is None:
+                raise KMergeConfigError(f"method {cls.name!r} needs a compression ratio")
+            check_ratio(ratio)
 
     @classmethod
     def unavailable_reason(cls) -> str | None:
@@ -113,21 +118,28 @@ class TokenSelector(PromptCompressor):
         raise NotImplementedError(f"selector {self.name!r} does not implement select")
 
 
-BASELINES = Registry("method", KMergeConfigError)
-register_baseline = BASELINES.register  # class decorator: @register_baseline("name")
+METHODS = Registry("method", KMergeConfigError)
+register_method = METHODS.register  # class decorator: @register_method("name")
 
 
-def get_baseline(name: str, ratio: float | None = None, seed: int = 0, **options) -> Method:
+def get_method(name: str, ratio: float | None = None, seed: int = 0, **options) -> Method:
     """Instantiate a registered method at a target ratio (ignored by ratio-less methods)."""
-    return BASELINES.lookup(name)(ratio=ratio, seed=seed, **options)
+    return METHODS.lookup(name)(ratio=ratio, seed=seed, **options)
 
 
 def get_compressor(name: str, ratio: float | None = None, seed: int = 0) -> PromptCompressor:
     """A registered token-level compressor (what ``KMergeConfig.prompt_compressor`` names)."""
-    method = get_baseline(name, ratio, seed)
-    if not isinstance(method, PromptCompressor):
+    check_compressor(name, ratio)
+    return get_method(name, ratio, seed)
+
+
+def check_compressor(name: str, ratio: float | None = None) -> None:
+    """Refuse a name that is not a registered token-level compressor, or a ratio it cannot run
+    at, without building it (``KMergeConfig`` checks its settings this way)."""
+    cls = METHODS.lookup(name)
+    if not issubclass(cls, PromptCompressor):
         raise KMergeConfigError(
             f"{name!r} is not a token-level prompt compressor; compressors: "
-            + ", ".join(sorted(n for n, c in BASELINES.items() if issubclass(c, PromptCompressor)))
+            + ", ".join(sorted(n for n, c in METHODS.items() if issubclass(c, PromptCompressor)))
         )
-    return method
+    cls.check_ratio_for(ratio)

@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from kmerge.baselines.base import TokenSelector, register_baseline
 from kmerge.errors import KMergeConfigError
+from kmerge.methods.base import TokenSelector, register_method
 from kmerge.models import lm_logits
 
 if TYPE_CHECKING:
@@ -54,7 +54,7 @@ def token_surprisal(
     return scores
 
 
-@register_baseline("self_information")
+@register_method("self_information")
 class SelfInformation(TokenSelector):
     """Drop the tokens the base model finds least surprising (ties: the earlier one is kept)."""
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from kmerge.baselines.base import Method, register_baseline
 from kmerge.errors import KMergeConfigError
+from kmerge.methods.base import Method, register_method
 
 
 def _block_size(method: Method) -> int:
@@ -16,7 +16,7 @@ def _block_size(method: Method) -> int:
     return int(ratio)
 
 
-@register_baseline("kmerge")
+@register_method("kmerge")
 class KTokenMerging(Method):
     """K-Token Merging itself: learned merge encoder + LoRA, K = ratio."""
 
@@ -24,7 +24,7 @@ class KTokenMerging(Method):
         return {"k": _block_size(self)}
 
 
-@register_baseline("kmerge_segments")
+@register_method("kmerge_segments")
 class KTokenMergingSegments(Method):
     """K-Token Merging with segment-aligned blocks (never across a newline or comma), the
     steadiest layout at equal training time here (docs/quality.md)."""
@@ -33,7 +33,7 @@ class KTokenMergingSegments(Method):
         return {"k": _block_size(self), "block_alignment": "segments"}
 
 
-@register_baseline("mean_pool")
+@register_method("mean_pool")
 class MeanPool(Method):
     """The mean of each K-block, no learned encoder (the encoder frozen at its initial state,
     which is exactly the mean); LoRA-tuned like kmerge. Isolates what the encoder's MLP adds."""
@@ -42,7 +42,7 @@ class MeanPool(Method):
         return {"k": _block_size(self), "freeze_encoder": True}
 
 
-@register_baseline("full")
+@register_method("full")
 class Full(Method):
     """No compression (K = 1), LoRA-tuned: the reference point at ratio 1."""
 

@@ -28,8 +28,8 @@ from collections.abc import Sequence
 from functools import lru_cache
 from typing import TYPE_CHECKING
 
-from kmerge.baselines.base import PromptCompressor, register_baseline
 from kmerge.errors import KMergeConfigError, KMergeDataError
+from kmerge.methods.base import PromptCompressor, register_method
 
 if TYPE_CHECKING:
     from kmerge.modeling import KMergeModel
@@ -110,7 +110,7 @@ def _replace(body: list[int], gram: tuple, meta: int) -> list[int]:
     return out
 
 
-@register_baseline("meta_tokens")
+@register_method("meta_tokens")
 class MetaTokens(PromptCompressor):
     """Lossless meta-token compression with the tokenizer's reserved special tokens."""
 

@@ -17,8 +17,8 @@ from collections.abc import Sequence
 from functools import lru_cache
 from typing import TYPE_CHECKING
 
-from kmerge.baselines.base import PromptCompressor, register_baseline
 from kmerge.errors import KMergeConfigError
+from kmerge.methods.base import PromptCompressor, register_method
 
 if TYPE_CHECKING:
     from kmerge.modeling import KMergeModel
@@ -54,7 +54,7 @@ def _load(path: str):
     return LLMLingua(path, use_llmlingua2=True, device_map="cpu")
 
 
-@register_baseline("llmlingua2")
+@register_method("llmlingua2")
 class LLMLingua2(PromptCompressor):
     """Keep the words LLMLingua-2's classifier rates most necessary, at rate 1 / ratio."""
 

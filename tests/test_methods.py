@@ -11,25 +11,26 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kmerge.baselines import (
-    BASELINES,
+from kmerge.errors import KMergeConfigError, KMergeDataError
+from kmerge.evaluation import evaluate
+from kmerge.methods import (
+    METHODS,
     TokenSelector,
-    get_baseline,
+    check_compressor,
     get_compressor,
+    get_method,
     kept_count,
     meta_decode,
     meta_encode,
     token_surprisal,
 )
-from kmerge.baselines.meta_tokens import reserved_token_ids
-from kmerge.errors import KMergeConfigError, KMergeDataError
-from kmerge.evaluation import evaluate
+from kmerge.methods.meta_tokens import reserved_token_ids
 from kmerge.modeling import KMergeConfig, KMergeModel
 from kmerge.tasks import Example
 from kmerge.training import TrainConfig, make_optimizer
 from tests.conftest import randomise_trainables
 
-SELECTORS = sorted(n for n, c in BASELINES.items() if issubclass(c, TokenSelector))
+SELECTORS = sorted(n for n, c in METHODS.items() if issubclass(c, TokenSelector))
 POSITIONAL = [n for n in SELECTORS if n != "self_information"]  # need no model
 RATIOS = [1, 1.5, 2, 2.5, 3, 4, 8]
 WORDS = "the cat sat on a mat and then it ran to see why my red hat was in a big box".split()
@@ -44,7 +45,7 @@ def test_the_registry_has_every_method_of_the_issue():
     assert {
         "full", "kmerge", "mean_pool", "truncate_first", "truncate_last", "truncate_head_tail",
         "random_drop", "stride_drop", "self_information", "meta_tokens", "llmlingua2",
-    } <= set(BASELINES)  # fmt: skip
+    } <= set(METHODS)  # fmt: skip
 
 
 def test_kept_count_is_the_ceiling_rule_on_exact_fractions():
@@ -87,11 +88,13 @@ def test_random_drop_is_deterministic_for_a_seed():
 @pytest.mark.parametrize(
     "call, message",
     [
-        (lambda: get_baseline("nope", 2), "unknown method 'nope'; known methods: full"),
-        (lambda: get_baseline("random_drop", 0.5), "must be a number >= 1, got 0.5"),
-        (lambda: get_baseline("random_drop"), "needs a compression ratio"),
-        (lambda: get_baseline("kmerge", 2.5).model_options(), "must be a whole number; got 2.5"),
+        (lambda: get_method("nope", 2), "unknown method 'nope'; known methods: full"),
+        (lambda: get_method("random_drop", 0.5), "must be a number >= 1, got 0.5"),
+        (lambda: get_method("random_drop"), "needs a compression ratio"),
+        (lambda: get_method("kmerge", 2.5).model_options(), "must be a whole number; got 2.5"),
         (lambda: get_compressor("kmerge", 2), "'kmerge' is not a token-level prompt compressor"),
+        (lambda: check_compressor("full"), "'full' is not a token-level prompt compressor"),
+        (lambda: check_compressor("truncate_last", 0.9), "must be a number >= 1, got 0.9"),
         (lambda: KMergeConfig(k=1, prompt_compressor="nope"), "unknown method 'nope'"),
         (lambda: KMergeConfig(k=1, prompt_compressor="stride_drop"), "needs a compression ratio"),
     ],
@@ -101,15 +104,24 @@ def test_bad_methods_and_ratios_are_one_line_errors(call, message):
         call()
 
 
+def test_check_compressor_builds_nothing_and_accepts_good_settings(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("check_compressor built a compressor")
+
+    monkeypatch.setattr(METHODS["meta_tokens"], "__init__", refuse)
+    check_compressor("meta_tokens")  # takes no ratio
+    check_compressor("random_drop", 2.5)
+
+
 def test_method_model_options():
-    assert get_baseline("kmerge", 4).model_options() == {"k": 4}
-    assert get_baseline("kmerge_segments", 4).model_options() == {
+    assert get_method("kmerge", 4).model_options() == {"k": 4}
+    assert get_method("kmerge_segments", 4).model_options() == {
         "k": 4,
         "block_alignment": "segments",
     }
-    assert get_baseline("mean_pool", 8.0).model_options() == {"k": 8, "freeze_encoder": True}
-    assert get_baseline("full", 4).model_options() == {"k": 1}  # takes no ratio
-    assert get_baseline("random_drop", 2, seed=5).model_options() == {
+    assert get_method("mean_pool", 8.0).model_options() == {"k": 8, "freeze_encoder": True}
+    assert get_method("full", 4).model_options() == {"k": 1}  # takes no ratio
+    assert get_method("random_drop", 2, seed=5).model_options() == {
         "k": 1,
         "prompt_compressor": "random_drop",
         "compression_ratio": 2,
@@ -242,7 +254,7 @@ def test_the_compressor_is_saved_and_rebuilt_with_the_checkpoint(tiny_model, tin
 
 
 def test_llmlingua2_without_the_package_is_skipped_with_the_reason():
-    reason = BASELINES["llmlingua2"].unavailable_reason()
+    reason = METHODS["llmlingua2"].unavailable_reason()
     try:
         import llmlingua  # noqa: F401
     except ImportError:

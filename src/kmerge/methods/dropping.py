@@ -7,10 +7,10 @@ import math
 import random
 from fractions import Fraction
 
-from kmerge.baselines.base import TokenSelector, register_baseline
+from kmerge.methods.base import TokenSelector, register_method
 
 
-@register_baseline("truncate_first")
+@register_method("truncate_first")
 class TruncateFirst(TokenSelector):
     """Keep the first tokens of the prompt."""
 
@@ -18,7 +18,7 @@ class TruncateFirst(TokenSelector):
         return list(range(keep))
 
 
-@register_baseline("truncate_last")
+@register_method("truncate_last")
 class TruncateLast(TokenSelector):
     """Keep the last tokens of the prompt (the end, nearest to the answer)."""
 
@@ -26,7 +26,7 @@ class TruncateLast(TokenSelector):
         return list(range(len(ids) - keep, len(ids)))
 
 
-@register_baseline("truncate_head_tail")
+@register_method("truncate_head_tail")
 class TruncateHeadTail(TokenSelector):
     """Keep the first ``keep // 2`` and the last ``keep - keep // 2`` tokens (the odd one goes
     to the end, where prompts usually put the question)."""
@@ -36,7 +36,7 @@ class TruncateHeadTail(TokenSelector):
         return list(range(head)) + list(range(len(ids) - (keep - head), len(ids)))
 
 
-@register_baseline("random_drop")
+@register_method("random_drop")
 class RandomDrop(TokenSelector):
     """Keep a random subset of the tokens. The draw depends only on the seed and the prompt's
     ids, so a prompt is compressed the same way in every epoch, batch and process."""
@@ -46,7 +46,7 @@ class RandomDrop(TokenSelector):
         return random.Random(digest).sample(range(len(ids)), keep)
 
 
-@register_baseline("stride_drop")
+@register_method("stride_drop")
 class StrideDrop(TokenSelector):
     """Keep every ``ratio``-th token counted back from the last one (which is always kept):
     positions ``n - 1 - floor(j * ratio)`` for ``j < ceil(n / ratio)``. Non-integer ratios

@@ -1,0 +1,105 @@
+"""What ``kmerge bench`` measures (BenchConfig) and on what: device, dtype, context checks."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from kmerge.encoder import check_k
+from kmerge.errors import KMergeConfigError
+from kmerge.models import DEFAULT_MODEL
+
+
+@dataclass
+class BenchConfig:
+    base_model: str = DEFAULT_MODEL
+    lengths: Sequence[int] = (256, 1024, 2048, 4096)
+    ks: Sequence[int] = (1, 2, 4, 8)
+    repeats: int = 5
+    warmup: int = 1
+    decode_tokens: int = 32  # greedy tokens decoded after each kmerge prefill (0: skip)
+    device: str = "auto"  # auto: cuda when available
+    dtype: str = "auto"  # auto: bfloat16 on cuda, float32 on cpu
+    merge_lora: bool = True  # LoRA folded into the base weights for prefill and generation
+    train: bool = True
+    train_ks: Sequence[int] = (1, 4)
+    train_batch_size: int = 16
+    train_data_dir: str | None = None  # Amazon Reviews files; None: synthetic prompts
+    train_prompt_tokens: int = 256  # synthetic training prompts' length
+    train_max_prompt_tokens: int | None = None  # head + tail cut of longer review prompts
+    generate: bool = True
+    generate_k: int = 4
+    generate_prompt_tokens: int = 1024
+    generate_new_tokens: int = 64
+    generate_repeats: int = 3
+    seed: int = 0
+    output_dir: str = "runs/bench"
+    command: str = ""
+
+    def __post_init__(self) -> None:
+        self.lengths, self.ks, self.train_ks = (
+            tuple(self.lengths),
+            tuple(self.ks),
+            tuple(self.train_ks),
+        )
+        for name in ("lengths", "ks", "train_ks"):
+            if not getattr(self, name):
+                raise KMergeConfigError(f"{name} needs at least one value")
+        for k in (*self.ks, *self.train_ks, self.generate_k):
+            check_k(k)
+        for name, low in (
+            ("repeats", 1),
+            ("warmup", 0),
+            ("decode_tokens", 0),
+            ("train_batch_size", 1),
+            ("train_prompt_tokens", 1),
+            ("generate_prompt_tokens", 1),
+            ("generate_new_tokens", 1),
+            ("generate_repeats", 1),
+        ):
+            if getattr(self, name) < low:
+                raise KMergeConfigError(f"{name} must be >= {low}, got {getattr(self, name)}")
+        if min(self.lengths) < 1:
+            raise KMergeConfigError(f"prompt lengths must be >= 1 token, got {min(self.lengths)}")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise KMergeConfigError(f"unknown device {name!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise KMergeConfigError("--device cuda, but torch sees no CUDA device")
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if name not in dtypes:
+        raise KMergeConfigError(f"dtype must be auto or one of {', '.join(dtypes)}, got {name!r}")
+    return dtypes[name]
+
+
+def check_context(cfg: BenchConfig, max_positions: int | None) -> None:
+    """Every measured sequence must fit the model: nothing is truncated to make it."""
+    if max_positions is None:
+        return
+    needs = [
+        (n + cfg.decode_tokens, f"prompt length {n} (+ {cfg.decode_tokens} decode tokens)")
+        for n in cfg.lengths
+    ]
+    if cfg.generate:
+        n = math.ceil(cfg.generate_prompt_tokens / cfg.generate_k) + cfg.generate_new_tokens
+        needs.append((n, f"generation at K={cfg.generate_k} ({n} positions)"))
+    for positions, what in needs:
+        if positions > max_positions:
+            raise KMergeConfigError(
+                f"{what} is larger than the model's context of {max_positions} positions"
+            )
