@@ -143,7 +143,7 @@ def test_bench_command_end_to_end(tiny_dir, tmp_path, capsys):
 def test_bench_bad_settings(tiny_dir, tmp_path, capsys, args, message):
     with pytest.raises(SystemExit) as exit_info:
         main(
-            ["bench", "--base-model", str(tiny_dir), "--skip-train", "--skip-generate"]
+            ["bench", "--base-model", str(tiny_dir), "--no-train", "--no-generate"]
             + ["--decode-tokens", "0", "--output-dir", str(tmp_path / "b"), *args]
         )
     assert exit_info.value.code == 2
@@ -155,7 +155,7 @@ def test_bench_can_measure_lora_unmerged(tiny_dir, tmp_path, capsys):
     out = tmp_path / "bench"
     main(
         ["bench", "--base-model", str(tiny_dir), "--lengths", "12", "--ks", "1,2", "--repeats"]
-        + ["1", "--warmup", "0", "--decode-tokens", "0", "--skip-train", "--skip-generate"]
+        + ["1", "--warmup", "0", "--decode-tokens", "0", "--no-train", "--no-generate"]
         + ["--no-merge-lora", "--output-dir", str(out)]
     )
     assert "with LoRA beside the base weights" in capsys.readouterr().out

@@ -9,6 +9,7 @@ import inspect
 import pytest
 
 import kmerge.cli
+from kmerge.bench import BenchConfig
 from kmerge.cli import build_parser, main
 from kmerge.modeling import KMergeConfig
 from kmerge.options import flag
@@ -17,7 +18,7 @@ from kmerge.tasks.base import TASKS
 from kmerge.tasks.options import TaskOptions
 from kmerge.training import TrainConfig
 
-CONFIGS = (KMergeConfig, TrainConfig, SweepConfig, TaskOptions)
+CONFIGS = (KMergeConfig, TrainConfig, SweepConfig, TaskOptions, BenchConfig)
 
 
 def cli_fields(cls):
@@ -45,7 +46,8 @@ def test_every_train_setting_is_a_flag():
 
 
 def test_flags_reach_the_configs():
-    argv = ["train", "--k", "4", "--lora-r", "4", "--no-append-eos", "--segment-chars", ";",
+    argv = ["train", "--k", "4", "--lora-r", "4", "--no-append-eos", "--block-alignment",
+            "segments", "--time-budget", "60", "--segment-chars", ";",
             "--merge-norm", "token", "--k-choices", "1,2", "--stage", "xsmall",
             "--budget-clock", "cpu", "--save-every", "7", "--no-progress", "--answer-choices",
             "yes, no", "--skip-bad-rows", "--data-dir", "d", "--task", "amazon_reviews",
@@ -102,3 +104,14 @@ def test_generate_reads_its_batch_size(monkeypatch, capsys):
     main(["generate", "--batch-size", "2", *prompts])
     assert sizes == [2, 2, 1]
     assert capsys.readouterr().out.split() == list("ABCDE")
+
+
+def test_bench_flags_make_the_bench_config(monkeypatch):
+    seen = {}
+    monkeypatch.setattr("kmerge.bench.run_bench", lambda cfg: seen.setdefault("cfg", cfg))
+    monkeypatch.setattr("kmerge.bench.format_tables", lambda result: "")
+    main(["bench", "--lengths", "8,16", "--ks", "1,4", "--no-train", "--no-merge-lora"])
+    cfg = seen["cfg"]
+    assert cfg.lengths == (8, 16) and cfg.ks == (1, 4) and cfg.train is False
+    assert cfg.merge_lora is False and cfg.generate is True and cfg.repeats == 5
+    assert cfg.command.startswith("kmerge bench")

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from kmerge.errors import KMergeConfigError, KMergeError
-from kmerge.options import add_options, flag, given
+from kmerge.options import add_options, check_requirements, flag, given
 
 PROTECT_FIELDS = ("protect_pattern", "protect_last", "protect_surprising")
 # What each subcommand takes of TrainConfig: the data to read (eval) and the sweep's budget.
@@ -108,7 +108,9 @@ def _model_config(args: argparse.Namespace, task: str | None = None):
     values = given(args, KMergeConfig)
     if getattr(args, "protect_query", False):
         values["protect_pattern"] = _protect_pattern(args, task)
-    return KMergeConfig(**values)
+    config = KMergeConfig(**values)
+    check_requirements(config, values)
+    return config
 
 
 def _train_config(args: argparse.Namespace, **extra):
@@ -116,8 +118,11 @@ def _train_config(args: argparse.Namespace, **extra):
     from kmerge.training import TrainConfig
 
     task, options = _task_name_and_options(args)
-    values = given(args, TrainConfig) | {"task": task, "task_options": options} | extra
-    return TrainConfig(model=_model_config(args, task), **values)
+    flags = given(args, TrainConfig)
+    values = flags | {"task": task, "task_options": options} | extra
+    config = TrainConfig(model=_model_config(args, task), **values)
+    check_requirements(config, flags)
+    return config
 
 
 def _data_settings(args: argparse.Namespace):
@@ -339,77 +344,17 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    cfg = BenchConfig(
-        base_model=args.base_model,
-        lengths=_numbers(args.lengths, int, "--lengths"),
-        ks=_numbers(args.ks, int, "--ks"),
-        repeats=args.repeats,
-        warmup=args.warmup,
-        decode_tokens=args.decode_tokens,
-        device=args.device,
-        dtype=args.dtype,
-        merge_lora=args.merge_lora,
-        train=not args.skip_train,
-        train_ks=_numbers(args.train_ks, int, "--train-ks"),
-        train_batch_size=args.train_batch_size,
-        train_data_dir=args.train_data_dir,
-        train_prompt_tokens=args.train_prompt_tokens,
-        train_max_prompt_tokens=args.train_max_prompt_tokens,
-        generate=not args.skip_generate,
-        generate_k=args.generate_k,
-        generate_prompt_tokens=args.generate_prompt_tokens,
-        generate_new_tokens=args.generate_new_tokens,
-        generate_repeats=args.generate_repeats,
-        seed=args.seed,
-        output_dir=args.output_dir,
-        command=_command(args),
-    )
+    cfg = BenchConfig(**given(args, BenchConfig), command=_command(args))
     result = run_bench(cfg)
     print(format_tables(result))
-    print(
-        f"\nwrote {Path(args.output_dir) / 'bench.json'} and {Path(args.output_dir) / 'bench.png'}"
-    )
+    print(f"\nwrote {Path(cfg.output_dir) / 'bench.json'} and {Path(cfg.output_dir) / 'bench.png'}")
 
 
 def _add_bench_args(p: argparse.ArgumentParser) -> None:
-    from kmerge.models import DEFAULT_MODEL
+    from kmerge.bench import BenchConfig
 
-    g = p.add_argument_group("prefill, decode, memory, KV cache")
-    g.add_argument("--base-model", default=DEFAULT_MODEL, help="embedded name, hub id or local dir")
-    g.add_argument("--lengths", default="256,1024,2048,4096", help="prompt lengths in tokens")
-    g.add_argument("--ks", default="1,2,4,8", help="comma-separated K values (1 = uncompressed)")
-    g.add_argument("--repeats", type=int, default=5, help="timed rounds (medians, IQR reported)")
-    g.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
-    g.add_argument("--decode-tokens", type=int, default=32, help="greedy decode steps (0: skip)")
-    g.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1")
-    g.add_argument("--dtype", default="auto", help="auto (bfloat16 on cuda, else float32), ...")
-    g.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    g.add_argument(
-        "--merge-lora",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="fold LoRA into the base weights for prefill and generation, as kmerge eval and "
-        "generate do (training steps always run it unmerged)",
-    )
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--output-dir", default="runs/bench", help="bench.json and bench.png")
-    g = p.add_argument_group("training step")
-    g.add_argument("--skip-train", action="store_true")
-    g.add_argument("--train-ks", default="1,4")
-    g.add_argument("--train-batch-size", type=int, default=16)
-    g.add_argument(
-        "--train-data-dir",
-        default=None,
-        help="Amazon Reviews files (e.g. ../shared/data/amazon_reviews); default: synthetic",
-    )
-    g.add_argument("--train-prompt-tokens", type=int, default=256, help="synthetic prompts")
-    g.add_argument("--train-max-prompt-tokens", type=int, default=None, help="cut longer reviews")
-    g = p.add_argument_group("generation: cached generate vs re-running the sequence per token")
-    g.add_argument("--skip-generate", action="store_true")
-    g.add_argument("--generate-k", type=int, default=4)
-    g.add_argument("--generate-prompt-tokens", type=int, default=1024)
-    g.add_argument("--generate-new-tokens", type=int, default=64)
-    g.add_argument("--generate-repeats", type=int, default=3)
+    add_options(p.add_argument_group("what to measure (BenchConfig)"), BenchConfig)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
 
 
 def build_parser() -> argparse.ArgumentParser:

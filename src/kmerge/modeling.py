@@ -71,7 +71,11 @@ class KMergeConfig:
         "how prompts are cut into blocks: from the start, so the last block is partial; from "
         "the end; or segments (a block never spans a segment_chars boundary)",
     )
-    segment_chars: str = option("\n,", "with segments: characters whose token starts a new block")
+    segment_chars: str = option(
+        "\n,",
+        "with segments: characters whose token starts a new block",
+        requires="block_alignment=segments",
+    )
     answer_separator: str = option(
         " ", "put between prompt and answer (the answer is tokenised alone)"
     )
@@ -81,8 +85,10 @@ class KMergeConfig:
     prompt_compressor: str | None = option(
         None, "token-level compressor applied before merging (e.g. random_drop)"
     )
-    compression_ratio: float | None = option(None, "the prompt compressor's target ratio")
-    compressor_seed: int = option(0, "the prompt compressor's seed")
+    compression_ratio: float | None = option(
+        None, "the prompt compressor's target ratio", requires="prompt_compressor"
+    )
+    compressor_seed: int = option(0, "the prompt compressor's seed", requires="prompt_compressor")
     freeze_encoder: bool = option(False, "keep the encoder at its init, the exact block mean")
     merge_norm: Literal["mean", "token"] = option(
         "mean",

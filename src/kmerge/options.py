@@ -12,15 +12,27 @@ import argparse
 import dataclasses
 import types
 import typing
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any, Literal
 
 from kmerge.errors import KMergeConfigError
 
+SEQUENCES = (list, Sequence)  # typed as comma-separated values
 
-def option(default: Any = dataclasses.MISSING, help: str = "", *, cli: bool = True, **kw) -> Any:
-    """A dataclass field with a help text (``cli=False``: no flag, e.g. filled in by code)."""
-    return dataclasses.field(default=default, metadata={"help": help, "cli": cli}, **kw)
+
+def option(
+    default: Any = dataclasses.MISSING,
+    help: str = "",
+    *,
+    cli: bool = True,
+    requires: str | None = None,
+    **kw,
+) -> Any:
+    """A dataclass field with a help text (``cli=False``: no flag, e.g. filled in by code;
+    ``requires``: the field that must be set, or "field=value", for this one to mean
+    anything; see check_requirements)."""
+    metadata = {"help": help, "cli": cli, "requires": requires}
+    return dataclasses.field(default=default, metadata=metadata, **kw)
 
 
 def field_default(f: dataclasses.Field) -> Any:
@@ -44,9 +56,9 @@ def _unwrap_optional(hint: Any) -> Any:
 
 
 def _list_item(hint: Any) -> type | None:
-    """The item type of a ``list[X]`` field (None for any other field)."""
+    """The item type of a ``list[X]`` or ``Sequence[X]`` field (None for any other field)."""
     kind = _unwrap_optional(hint)
-    return typing.get_args(kind)[0] if typing.get_origin(kind) is list else None
+    return typing.get_args(kind)[0] if typing.get_origin(kind) in SEQUENCES else None
 
 
 def _comma_list(text: str, kind: type, name: str) -> list:
@@ -64,10 +76,13 @@ def _argument(f: dataclasses.Field, hint: Any, help_text: str) -> dict:
     kw: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS}
     default = field_default(f)
     kind = _unwrap_optional(hint)
-    if default is not None and default is not False and default not in ("", []) and (
-        "default" not in help_text
+    if (
+        default is not None
+        and default is not False
+        and default not in ("", [], ())
+        and ("default" not in help_text)
     ):
-        shown = ",".join(map(str, default)) if isinstance(default, list) else default
+        shown = ",".join(map(str, default)) if isinstance(default, (list, tuple)) else default
         if isinstance(default, str) and default.strip() != default or "\n" in str(default):
             shown = repr(default)
         help_text = f"{help_text} (default: {shown})".strip()
@@ -77,7 +92,7 @@ def _argument(f: dataclasses.Field, hint: Any, help_text: str) -> dict:
         kw["help"] = help_text.replace(" (default: True)", "") or None
     elif typing.get_origin(kind) is Literal:
         kw["choices"] = typing.get_args(kind)
-    elif typing.get_origin(kind) is list:  # comma-separated; parsed by given()
+    elif typing.get_origin(kind) in SEQUENCES:  # comma-separated; parsed by given()
         kw["metavar"] = f.name.upper().rstrip("S") + ",..."
     elif kind in (int, float, str):
         kw["type"] = kind
@@ -127,3 +142,18 @@ def given(args: argparse.Namespace, cls: type) -> dict[str, Any]:
                 value = _comma_list(value, item, f.name)
             out[f.name] = value
     return out
+
+
+def check_requirements(config: Any, names: Iterable[str]) -> None:
+    """Refuse a flag the user gave (``names``) whose ``requires`` field is unset in ``config``:
+    it would be silently ignored."""
+    fields = {f.name: f for f in dataclasses.fields(config)}
+    for name in names:
+        needed = fields[name].metadata.get("requires") if name in fields else None
+        if not needed:
+            continue
+        field, _, value = needed.partition("=")  # "field" (set at all) or "field=value"
+        actual = getattr(config, field)
+        if (str(actual) != value) if value else actual in (None, False, 0, "", []):
+            wanted = f"{flag(field)} {value}" if value else flag(field)
+            raise KMergeConfigError(f"{flag(name)} applies only with {wanted}")

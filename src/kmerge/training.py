@@ -64,8 +64,10 @@ class TrainConfig:
     curriculum: list[str] | None = option(
         None, "tree stages walked in order, each until its gate, e.g. small,xsmall"
     )
-    gate: float = option(0.85, "held-out accuracy that ends a curriculum stage")
-    final_gate: float = option(0.95, "... and the last stage")
+    gate: float = option(
+        0.85, "held-out accuracy that ends a curriculum stage", requires="curriculum"
+    )
+    final_gate: float = option(0.95, "... and the last stage", requires="curriculum")
     # Task constructor options, e.g. {"data_dir": ...} (the CLI's flags: kmerge.tasks.TaskOptions)
     task_options: dict = option(cli=False, default_factory=dict)
     max_prompt_tokens: int | None = option(
@@ -100,7 +102,9 @@ class TrainConfig:
         "follows the budget",
     )
     budget_clock: Literal["wall", "cpu"] = option(
-        "wall", "cpu: this process's CPU seconds (fair when runs share the machine)"
+        "wall",
+        "cpu: this process's CPU seconds (fair when runs share the machine)",
+        requires="time_budget",
     )
     lr_schedule: Literal["cosine", "constant"] = option("cosine", "after the linear warm-up")
     # The checkpoint then serves each K (evaluate(..., k=), kmerge eval --k).
@@ -108,7 +112,9 @@ class TrainConfig:
         None, "several K in one model: one drawn per step from these (each <= --k)"
     )
     k_order: Literal["sample", "schedule"] = option(
-        "sample", "schedule: walk --k-choices in order, an equal share of the run each"
+        "sample",
+        "schedule: walk --k-choices in order, an equal share of the run each",
+        requires="k_choices",
     )
     init_from: str | None = option(
         None, "warm start: the LoRA (and, when shapes match, the encoder) of this checkpoint"
@@ -118,15 +124,18 @@ class TrainConfig:
     teacher: str | None = option(
         None, 'distill from an uncompressed teacher: a K=1 checkpoint, or "base" (adapters off)'
     )
-    distill_kl_weight: float = option(2.0, "weight of the answer-token KL to the teacher")
-    distill_temperature: float = option(1.0, "temperature of that KL")
+    distill_kl_weight: float = option(
+        2.0, "weight of the answer-token KL to the teacher", requires="teacher"
+    )
+    distill_temperature: float = option(1.0, "temperature of that KL", requires="teacher")
     distill_hidden_weight: float = option(
-        0.0, "weight of the per-layer hidden-state distance to the teacher"
+        0.0, "weight of the per-layer hidden-state distance to the teacher", requires="teacher"
     )
     distill_cache: bool = option(
         False,
         "keep the teacher's outputs per training example (float16, CPU memory): for a training "
         "set seen more than once (--n-train), each teacher forward is paid once",
+        requires="teacher",
     )
     seed: int = option(0, "seed of data, initialisation and sampling")
     output_dir: str | None = option(None, "checkpoint, metrics, results")
@@ -138,7 +147,9 @@ class TrainConfig:
         "SIGINT/SIGTERM then write one and stop cleanly (0: no checkpoints, signals act as "
         "usual)",
     )
-    keep_checkpoints: int = option(2, "how many resumable checkpoints to keep")
+    keep_checkpoints: int = option(
+        2, "how many resumable checkpoints to keep", requires="save_every"
+    )
     resume: bool = option(False, "continue from the newest complete checkpoint")
     overwrite: bool = option(
         False,

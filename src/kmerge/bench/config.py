@@ -11,33 +11,42 @@ import torch
 from kmerge.encoder import check_k
 from kmerge.errors import KMergeConfigError
 from kmerge.models import DEFAULT_MODEL
+from kmerge.options import option
 
 
 @dataclass
 class BenchConfig:
-    base_model: str = DEFAULT_MODEL
-    lengths: Sequence[int] = (256, 1024, 2048, 4096)
-    ks: Sequence[int] = (1, 2, 4, 8)
-    repeats: int = 5
-    warmup: int = 1
-    decode_tokens: int = 32  # greedy tokens decoded after each kmerge prefill (0: skip)
-    device: str = "auto"  # auto: cuda when available
-    dtype: str = "auto"  # auto: bfloat16 on cuda, float32 on cpu
-    merge_lora: bool = True  # LoRA folded into the base weights for prefill and generation
-    train: bool = True
-    train_ks: Sequence[int] = (1, 4)
-    train_batch_size: int = 16
-    train_data_dir: str | None = None  # Amazon Reviews files; None: synthetic prompts
-    train_prompt_tokens: int = 256  # synthetic training prompts' length
-    train_max_prompt_tokens: int | None = None  # head + tail cut of longer review prompts
-    generate: bool = True
-    generate_k: int = 4
-    generate_prompt_tokens: int = 1024
-    generate_new_tokens: int = 64
-    generate_repeats: int = 3
-    seed: int = 0
-    output_dir: str = "runs/bench"
-    command: str = ""
+    base_model: str = option(DEFAULT_MODEL, "embedded name, hub id or local dir")
+    lengths: Sequence[int] = option((256, 1024, 2048, 4096), "prompt lengths in tokens")
+    ks: Sequence[int] = option((1, 2, 4, 8), "K values (1 = uncompressed)")
+    repeats: int = option(5, "timed rounds (medians, IQR reported)")
+    warmup: int = option(1, "untimed rounds first")
+    decode_tokens: int = option(32, "greedy tokens decoded after each prefill (0: skip)")
+    device: str = option("auto", "auto (cuda if available), cpu, cuda, cuda:1")
+    dtype: str = option("auto", "auto (bfloat16 on cuda, else float32), float32, bfloat16, ...")
+    merge_lora: bool = option(
+        True,
+        "fold LoRA into the base weights for prefill and generation, as kmerge eval and "
+        "generate do (training steps always run it unmerged)",
+    )
+    train: bool = option(True, "time a training step per K")
+    train_ks: Sequence[int] = option((1, 4), "K values of the training step")
+    train_batch_size: int = option(16, "examples per timed training step")
+    train_data_dir: str | None = option(
+        None, "Amazon Reviews files (e.g. ../shared/data/amazon_reviews); default: synthetic"
+    )
+    train_prompt_tokens: int = option(256, "synthetic training prompts' length")
+    train_max_prompt_tokens: int | None = option(
+        None, "head + tail cut of longer review prompts"
+    )
+    generate: bool = option(True, "time cached generate against re-running the sequence")
+    generate_k: int = option(4, "K of the generation timing")
+    generate_prompt_tokens: int = option(1024, "prompt length of the generation timing")
+    generate_new_tokens: int = option(64, "tokens generated per timed generation")
+    generate_repeats: int = option(3, "timed generations")
+    seed: int = option(0, "seed of prompts and weights")
+    output_dir: str = option("runs/bench", "bench.json and bench.png")
+    command: str = option("", cli=False)  # the invocation, recorded with the results
 
     def __post_init__(self) -> None:
         self.lengths, self.ks, self.train_ks = (
