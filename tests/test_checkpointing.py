@@ -46,7 +46,7 @@ def train_args(base, out, steps: int = 10, *extra) -> list:
 
 
 def test_sigkill_then_resume_ends_with_the_same_weights(tiny_dir, tmp_path):
-    main(train_args(tiny_dir, tmp_path / "whole", 10, "--save-every", "0"))
+    main(train_args(tiny_dir, tmp_path / "whole", 10, "--save-every", "1000"))
 
     killed, log = tmp_path / "killed", tmp_path / "killed.log"
     proc = kmerge_process.start(train_args(tiny_dir, killed), log)
