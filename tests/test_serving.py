@@ -329,13 +329,18 @@ def test_shutdown_drains_a_running_stream(model, monkeypatch):
         s.__exit__(None, None, None)
 
 
-def test_cli_serve_bad_flags_are_one_line(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, "-m", "kmerge", "serve", str(tmp_path / "missing"), "--backend",
-         "vllm"], capture_output=True, text=True)
-    assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == [
+def test_cli_serve_bad_flags_are_one_line(tmp_path, capsys):
+    from kmerge.cli import main
+
+    with pytest.raises(SystemExit) as err:
+        main(["serve", str(tmp_path / "missing"), "--backend", "vllm"])
+    assert err.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
         "kmerge: error: --backend vllm needs --vllm-url (vLLM's OpenAI server)"]
+    with pytest.raises(SystemExit):
+        main(["serve", str(tmp_path / "missing")])
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("kmerge: error: checkpoint ") and "does not exist" in line
 
 
 def test_sampling_helper_respects_top_p():

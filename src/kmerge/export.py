@@ -16,16 +16,17 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from safetensors.torch import save_file
-
 from kmerge.errors import KMergeConfigError
-from kmerge.modeling import CONFIG_FILE, ENCODER_FILE, KMergeModel
 
 EXPORT_INFO = "kmerge_export.json"
 
 
 def export(checkpoint: str | Path, out: str | Path, overwrite: bool = False) -> Path:
     """Write the folded model, tokenizer, encoder and kmerge config to ``out`` (atomically)."""
+    from safetensors.torch import save_file
+
+    from kmerge.modeling import CONFIG_FILE, ENCODER_FILE, KMergeModel
+
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise KMergeConfigError(f"{out} already exists and is not empty (--overwrite replaces it)")
@@ -58,5 +59,5 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> None:
     out = export(args.checkpoint, args.out, overwrite=args.overwrite)
-    print(f"wrote {out} (AutoModelForCausalLM.from_pretrained loads it; merged prompts "
-          f"come from {ENCODER_FILE})")
+    print(f"wrote {out} (AutoModelForCausalLM.from_pretrained loads it; prompts are merged "
+          "by its encoder.safetensors)")

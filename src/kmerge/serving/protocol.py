@@ -60,6 +60,7 @@ class _Request(BaseModel):
     k: int | None = Field(default=None, ge=1)  # merge at this K (at most the checkpoint's)
     protect: list[list[int]] | None = None  # character spans of the prompt kept unmerged
     return_token_ids: bool = False  # add each choice's generated token ids (as vLLM does)
+    ignore_eos: bool = False  # keep going past EOS up to max_tokens (as vLLM; benchmarks)
 
 
 class CompletionRequest(_Request):
@@ -116,6 +117,7 @@ class Sampling:
     top_p: float = 1.0
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
+    ignore_eos: bool = False
 
 
 def sampling_of(request: _Request, default_max: int, cap: int) -> Sampling:
@@ -137,6 +139,7 @@ def sampling_of(request: _Request, default_max: int, cap: int) -> Sampling:
         top_p=1.0 if request.top_p is None else request.top_p,
         stop=stop,
         seed=request.seed,
+        ignore_eos=request.ignore_eos,
     )
 
 

@@ -174,7 +174,7 @@ class Scheduler:
                     self.metrics.cancelled.inc()
                     continue  # the client is gone: its row leaves the batch
                 reason = None
-                if token == eos:
+                if token == eos and not r.sampling.ignore_eos:
                     reason = "stop"
                 else:
                     text, stopped = stream.push(token)

@@ -102,6 +102,8 @@ class VLLMBackend:
             }
             if s.stop:
                 body["stop"] = s.stop
+            if s.ignore_eos:
+                body["ignore_eos"] = True
             if s.seed is not None:
                 body["seed"] = s.seed
             reason, completion_tokens = await self._relay(request, body)
