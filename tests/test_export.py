@@ -50,10 +50,11 @@ def test_export_loads_as_plain_model_with_the_same_logits(exported):
     real = batch.attention_mask.bool()
     assert torch.allclose(got[real], want[real], atol=1e-4, rtol=1e-4)
     assert (plain[real] - want[real]).abs().max() > 1e-2  # the LoRA update is really in there
-    encoder = load_file(out / "encoder.safetensors")
+    encoder = load_file(out / "kmerge" / "encoder.safetensors")
     saved = load_file(checkpoint / "encoder.safetensors")
     assert encoder.keys() == saved.keys() and all(torch.equal(encoder[k], saved[k]) for k in saved)
-    assert (out / "kmerge_config.json").is_file() and (out / "tokenizer.json").is_file()
+    assert [p.name for p in out.glob("*.safetensors")] == ["model.safetensors"]  # vLLM
+    assert (out / "kmerge" / "kmerge_config.json").is_file() and (out / "tokenizer.json").is_file()
 
 
 def test_export_refuses_a_non_empty_folder(exported, capsys):

@@ -4,8 +4,9 @@ The LoRA update is folded into the base weights (peft's ``merge_and_unload``), s
 with ``AutoModelForCausalLM.from_pretrained(OUT)`` alone and gives the logits of the merged
 kmerge model for the same ``inputs_embeds``; any server that takes prompt embeddings (vLLM
 with ``--enable-prompt-embeds``) can serve it. The merge encoder and kmerge's config go beside
-it (``encoder.safetensors``, ``kmerge_config.json``): prompts must still be merged by kmerge
-(``kmerge serve --backend vllm``) before the model sees them.
+it in ``OUT/kmerge/`` (``encoder.safetensors``, ``kmerge_config.json``): prompts must still be
+merged by kmerge (``kmerge serve --backend vllm``) before the model sees them. A subfolder,
+because vLLM loads every ``*.safetensors`` file at the top of a model folder as weights.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 from kmerge.errors import KMergeConfigError
 
 EXPORT_INFO = "kmerge_export.json"
+KMERGE_SUBDIR = "kmerge"
 
 
 def export(checkpoint: str | Path, out: str | Path, overwrite: bool = False) -> Path:
@@ -38,11 +40,13 @@ def export(checkpoint: str | Path, out: str | Path, overwrite: bool = False) -> 
     try:
         lm.save_pretrained(tmp, safe_serialization=True)
         model.tokenizer.save_pretrained(tmp)
-        save_file(encoder, tmp / ENCODER_FILE, metadata={"k": str(model.k)})
-        (tmp / CONFIG_FILE).write_text(json.dumps(model.config.to_dict(), indent=2) + "\n")
+        extra = tmp / KMERGE_SUBDIR
+        extra.mkdir()
+        save_file(encoder, extra / ENCODER_FILE, metadata={"k": str(model.k)})
+        (extra / CONFIG_FILE).write_text(json.dumps(model.config.to_dict(), indent=2) + "\n")
         info = {"checkpoint": str(Path(checkpoint).resolve()), "k": model.k,
                 "lora": "folded into the base weights"}
-        (tmp / EXPORT_INFO).write_text(json.dumps(info, indent=2) + "\n")
+        (extra / EXPORT_INFO).write_text(json.dumps(info, indent=2) + "\n")
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
@@ -60,4 +64,4 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> None:
     out = export(args.checkpoint, args.out, overwrite=args.overwrite)
     print(f"wrote {out} (AutoModelForCausalLM.from_pretrained loads it; prompts are merged "
-          "by its encoder.safetensors)")
+          f"by {KMERGE_SUBDIR}/encoder.safetensors)")

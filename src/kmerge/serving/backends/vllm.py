@@ -99,6 +99,7 @@ class VLLMBackend:
                 "top_p": s.top_p,
                 "stream": True,
                 "stream_options": {"include_usage": True},
+                "return_token_ids": True,  # relayed to clients that ask for token_ids
             }
             if s.stop:
                 body["stop"] = s.stop
