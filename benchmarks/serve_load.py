@@ -196,21 +196,24 @@ def goals(points: list[dict], clients: list[int], ks: list[int]) -> dict:
 
 
 def plot(points: list[dict], path: Path) -> None:
+    """TTFT and output tokens/s against clients."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for k in sorted({p["k"] for p in points}):
+    for i, k in enumerate(sorted({p["k"] for p in points})):
+        color = f"C{i}"
         rows = [p for p in points if p["k"] == k and p["scheduling"] == "batched"]
         cs = [p["clients"] for p in rows]
-        axes[0].plot(cs, [p["ttft_p50_s"] for p in rows], "o-", label=f"K={k}")
-        axes[1].plot(cs, [p["output_tokens_per_s"] for p in rows], "o-", label=f"K={k}")
+        axes[0].plot(cs, [p["ttft_p50_s"] for p in rows], "o-", color=color, label=f"K={k}")
+        axes[1].plot(cs, [p["output_tokens_per_s"] for p in rows], "o-", color=color,
+                     label=f"K={k}, batched")
         for p in points:
             if p["k"] == k and p["scheduling"] == "one_at_a_time":
                 axes[1].plot([p["clients"]], [p["output_tokens_per_s"]], "x", ms=10,
-                             label=f"K={k}, one at a time")
+                             color=color, label=f"K={k}, one at a time")
     axes[0].set(xscale="log", yscale="log", xlabel="concurrent clients",
                 ylabel="p50 time to first token (s)")
     axes[1].set(xscale="log", xlabel="concurrent clients", ylabel="output tokens / s")

@@ -141,6 +141,12 @@ def test_k_per_request(client, model):
                                     temperature=0, extra_body={"k": 2})
     assert extra(out.usage, "k") == 2
     assert extra(out.usage, "prompt_positions") == model.prepare([PROMPTS[1]], k=2).positions_fed[0]
+    spans = [[0, 4], [20, 40]]  # character spans kept as ordinary tokens
+    kept = client.completions.create(model=NAME, prompt=PROMPTS[1], max_tokens=4,
+                                     temperature=0, extra_body={"protect": spans})
+    want = model.prepare([PROMPTS[1]], protect=[[(0, 4), (20, 40)]]).positions_fed[0]
+    merged_only = model.prepare([PROMPTS[1]]).positions_fed[0]
+    assert extra(kept.usage, "prompt_positions") == want > merged_only
     with pytest.raises(openai.BadRequestError, match="larger than the K=4"):
         client.completions.create(model=NAME, prompt="x y", max_tokens=4, extra_body={"k": 8})
 
