@@ -67,11 +67,11 @@ def stop_server(proc) -> None:
     proc.wait(timeout=120)
 
 
-async def one_request(client, prompt: str, k: int, max_tokens: int) -> dict:
+async def one_request(client, prompt: str, k: int, max_tokens: int, model: str) -> dict:
     t0 = time.perf_counter()
     first, tokens = None, 0
     stream = await client.completions.create(
-        model="bench", prompt=prompt, max_tokens=max_tokens, temperature=0, stream=True,
+        model=model, prompt=prompt, max_tokens=max_tokens, temperature=0, stream=True,
         extra_body={"k": k, "ignore_eos": True, "return_token_ids": True})
     async for chunk in stream:
         for choice in chunk.choices:
@@ -82,14 +82,16 @@ async def one_request(client, prompt: str, k: int, max_tokens: int) -> dict:
     return {"ttft": first, "latency": time.perf_counter() - t0, "tokens": tokens}
 
 
-async def run_point(url: str, prompts: list[str], k: int, clients: int, max_tokens: int) -> dict:
+async def run_point(
+    url: str, prompts: list[str], k: int, clients: int, max_tokens: int, model: str = "bench"
+) -> dict:
     client = openai.AsyncOpenAI(base_url=url, api_key="-", max_retries=0, timeout=3600)
     todo = list(prompts)
     results: list[dict] = []
 
     async def worker() -> None:
         while todo:
-            results.append(await one_request(client, todo.pop(), k, max_tokens))
+            results.append(await one_request(client, todo.pop(), k, max_tokens, model))
 
     t0 = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(clients)))
@@ -123,12 +125,16 @@ def main() -> None:
     ap.add_argument("--min-requests", type=int, default=4, help="per point, at least")
     ap.add_argument("--threads", type=int, default=2, help="server torch threads")
     ap.add_argument("--batch-compare-ks", default="4", help="K values for batched vs 1-at-a-time")
+    ap.add_argument("--url", default=None, help="measure this running server (.../v1) instead, "
+                    "e.g. kmerge serve --backend vllm; batched points only")
+    ap.add_argument("--model", default="bench", help="with --url: its served model name")
+    ap.add_argument("--checkpoint", default=None, help="with --url: the checkpoint it serves")
     args = ap.parse_args()
     from kmerge import KMergeConfig, KMergeModel
 
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    checkpoint = out / "ckpt-untrained-k4"
+    checkpoint = Path(args.checkpoint) if args.checkpoint else out / "ckpt-untrained-k4"
     if not checkpoint.is_dir():
         KMergeModel.from_base("smollm2-135m", KMergeConfig(k=4)).save_pretrained(checkpoint)
     tokenizer = KMergeModel.from_pretrained(checkpoint).tokenizer
@@ -143,23 +149,31 @@ def main() -> None:
         return [prompts[next(counter) % len(prompts)] for _ in range(n)]
 
     points, t_start = [], time.perf_counter()
-    for label, max_batch, cs, point_ks in (
-        ("batched", 16, clients, ks),
-        ("one_at_a_time", 1, [max(clients)], [int(k) for k in args.batch_compare_ks.split(",")]),
-    ):
-        proc, url = start_server(checkpoint, max_batch, args.threads, out / f"{label}.log")
+    passes = [("batched", 16, clients, ks)]
+    if args.url:
+        passes = [("external", 0, clients, ks)]
+    else:
+        compare = [int(k) for k in args.batch_compare_ks.split(",")]
+        passes.append(("one_at_a_time", 1, [max(clients)], compare))
+    for label, max_batch, cs, point_ks in passes:
+        if args.url:
+            proc, url = None, args.url
+        else:
+            proc, url = start_server(checkpoint, max_batch, args.threads, out / f"{label}.log")
         try:
             for k in point_ks:  # warm-up: one request per K, not measured
-                asyncio.run(run_point(url, fresh(1), k, 1, 4))
+                asyncio.run(run_point(url, fresh(1), k, 1, 4, args.model))
             for c in cs:
                 for k in point_ks:  # K=1 and K=4 alternate at each concurrency: side by side
                     n = max(c, args.min_requests)
-                    point = asyncio.run(run_point(url, fresh(n), k, c, args.max_tokens))
+                    point = asyncio.run(run_point(url, fresh(n), k, c, args.max_tokens,
+                                                  args.model))
                     point["scheduling"] = label
                     points.append(point)
                     print(json.dumps(point), flush=True)
         finally:
-            stop_server(proc)
+            if proc is not None:
+                stop_server(proc)
     result = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "prompt_tokens_mean": round(prompt_tokens, 1),
@@ -182,9 +196,10 @@ def goals(points: list[dict], clients: list[int], ks: list[int]) -> dict:
                      and p["clients"] == c), None)
 
     out = {}
+    main_label = points[0]["scheduling"]
     if 1 in ks and 4 in ks:
         for c in clients:
-            a, b = get("batched", 1, c), get("batched", 4, c)
+            a, b = get(main_label, 1, c), get(main_label, 4, c)
             out[f"ttft_p50_k1_over_k4_at_{c}"] = round(a["ttft_p50_s"] / b["ttft_p50_s"], 2)
     top = max(clients)
     for k in ks:
@@ -205,7 +220,7 @@ def plot(points: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for i, k in enumerate(sorted({p["k"] for p in points})):
         color = f"C{i}"
-        rows = [p for p in points if p["k"] == k and p["scheduling"] == "batched"]
+        rows = [p for p in points if p["k"] == k and p["scheduling"] != "one_at_a_time"]
         cs = [p["clients"] for p in rows]
         axes[0].plot(cs, [p["ttft_p50_s"] for p in rows], "o-", color=color, label=f"K={k}")
         axes[1].plot(cs, [p["output_tokens_per_s"] for p in rows], "o-", color=color,

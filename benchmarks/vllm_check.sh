@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # `make vllm-check`: serve an exported kmerge checkpoint with vLLM (prompt embeddings) and
 # run the live client tests through `kmerge serve --backend vllm`.
-#   usage: benchmarks/vllm_check.sh OUT_DIR      (env: KMERGE_PY, VLLM_PY, CHECKPOINT)
+#   usage: benchmarks/vllm_check.sh OUT_DIR  (env: KMERGE_PY, VLLM_PY, CHECKPOINT; VLLM_BENCH=1
+#   also runs benchmarks/serve_load.py through the vLLM backend)
 # Without CHECKPOINT an untrained K=4 model on the embedded SmolLM2-135M is made.
 # --gpu-memory-utilization is the share of CPU memory vLLM reserves on a CPU (default 0.92
 # of 24 GiB fails when other processes use memory); 0.15 is ~3.6 GiB, plenty for 135M.
@@ -57,3 +58,9 @@ done
 echo "== live client tests through the vLLM backend"
 KMERGE_LIVE_URL="http://127.0.0.1:$SERVE_PORT" KMERGE_LIVE_MODEL=kmerge-vllm \
 KMERGE_LIVE_CHECKPOINT="$CKPT" "$PY" -m pytest -q tests/test_live_server.py
+
+if [ -n "${VLLM_BENCH:-}" ]; then
+  echo "== load through the vLLM backend (benchmarks/serve_load.py --url)"
+  "$PY" benchmarks/serve_load.py --url "http://127.0.0.1:$SERVE_PORT/v1" --model kmerge-vllm \
+    --checkpoint "$CKPT" --output-dir "$OUT/load"
+fi

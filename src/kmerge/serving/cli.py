@@ -24,8 +24,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                 help=help_text)
             continue
         choices = ("local", "vllm") if f.name == "backend" else None
-        parser.add_argument(flag, type=kind, default=f.default, choices=choices,
-                            help=f"{help_text} (default: {f.default})")
+        if f.default is not None and "default" not in help_text:
+            help_text = f"{help_text} (default: {f.default})"
+        parser.add_argument(flag, type=kind, default=f.default, choices=choices, help=help_text)
 
 
 def run(args: argparse.Namespace) -> None:

@@ -14,7 +14,7 @@ class ServeConfig:
     """What ``kmerge serve`` runs with. Each field's ``help`` becomes its flag's help text."""
 
     checkpoint: str = field(
-        default="", metadata={"help": "kmerge checkpoint directory (from train or export)"}
+        default="", metadata={"help": "kmerge checkpoint directory (what kmerge train saves)"}
     )
     host: str = field(
         default="127.0.0.1",
@@ -57,7 +57,7 @@ class ServeConfig:
         default=512, metadata={"help": "largest max_tokens a request may ask for"}
     )
     default_max_tokens: int = field(
-        default=16, metadata={"help": "max_tokens when a request gives none (OpenAI's default)"}
+        default=16, metadata={"help": "max_tokens when a request gives none (OpenAI's: 16)"}
     )
     max_body_bytes: int = field(
         default=1_000_000, metadata={"help": "largest request body; larger ones get 413"}
@@ -70,7 +70,9 @@ class ServeConfig:
     merge_lora: bool = field(
         default=True, metadata={"help": "fold LoRA into the base weights after loading"}
     )
-    threads: int | None = field(default=None, metadata={"help": "torch CPU threads"})
+    threads: int | None = field(
+        default=None, metadata={"help": "torch CPU threads (default: torch's choice)"}
+    )
     drain_timeout_s: float = field(
         default=30.0, metadata={"help": "on SIGTERM: how long in-flight requests may finish"}
     )
