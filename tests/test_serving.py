@@ -336,7 +336,10 @@ def test_shutdown_drains_a_running_stream(model, monkeypatch):
 
 
 def test_cli_serve_bad_flags_are_one_line(tmp_path, capsys):
-    from kmerge.cli import main
+    from kmerge.cli import build_parser, main
+
+    args = build_parser().parse_args(["serve", "ckpt"])
+    assert (args.host, args.api_key, args.backend) == ("127.0.0.1", None, "local")  # loopback
 
     with pytest.raises(SystemExit) as err:
         main(["serve", str(tmp_path / "missing"), "--backend", "vllm"])
