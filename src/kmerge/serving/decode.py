@@ -9,6 +9,7 @@ positions counted over real positions only), so each row sees what it would see 
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 
 import torch
@@ -30,12 +31,16 @@ class DecodeBatch:
         self.mask = batch.attention_mask
         self.positions = batch.position_ids[:, -1:]  # the last real position of each row
         self.cache = DynamicCache()
+        # transformers renamed the cache argument (``past_key_values`` -> ``cache``, the old
+        # name deprecated from 5.2x on); pass whichever this model's forward takes.
+        params = inspect.signature(self.lm.forward).parameters
+        self.cache_arg = "cache" if "cache" in params else "past_key_values"
         with torch.inference_mode():
             out = self.lm(
                 inputs_embeds=batch.inputs_embeds,
                 attention_mask=self.mask,
                 position_ids=batch.position_ids,
-                past_key_values=self.cache,
+                **{self.cache_arg: self.cache},
                 use_cache=True,
                 logits_to_keep=1,  # only the next-token logits: [B, 1, V], not [B, T, V]
             )
@@ -66,7 +71,7 @@ class DecodeBatch:
                 input_ids=self.next_tokens[:, None],
                 attention_mask=self.mask,
                 position_ids=self.positions,
-                past_key_values=self.cache,
+                **{self.cache_arg: self.cache},
                 use_cache=True,
             )
         self.next_tokens = self._choose(out.logits[:, -1])
