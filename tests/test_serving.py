@@ -202,7 +202,8 @@ def test_queue_limit_429_and_disconnect_frees_the_slot(model, monkeypatch):
                 "stream": True}
         with httpx.stream("POST", s.url + "/v1/completions", json=body, timeout=30) as r:
             assert r.status_code == 200
-            next(r.iter_lines())  # the stream is running: the one slot is taken
+            lines = r.iter_lines()  # kept: a dropped line iterator closes the response
+            next(lines)  # the stream is running: the one slot is taken
             with pytest.raises(openai.RateLimitError) as err:
                 c.completions.create(model=NAME, prompt="hi", max_tokens=2)
             assert err.value.status_code == 429
