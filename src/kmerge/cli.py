@@ -432,6 +432,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="prefill, decode, memory, training and generation speed")
     _add_bench_args(p)
     p.set_defaults(func=cmd_bench)
+
+    # serve and export keep their flags in their own modules (imported only when run).
+    from kmerge import export
+    from kmerge.serving import cli as serving_cli
+
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (needs kmerge[serve])")
+    serving_cli.add_arguments(p)
+    p.set_defaults(func=serving_cli.run)
+    p = sub.add_parser("export", help="plain HF model folder (LoRA folded in) + the encoder")
+    export.add_arguments(p)
+    p.set_defaults(func=export.run)
     return parser
 
 
