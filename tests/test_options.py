@@ -14,11 +14,12 @@ from kmerge.cli import build_parser, main
 from kmerge.modeling import KMergeConfig
 from kmerge.options import flag
 from kmerge.pareto import SweepConfig
+from kmerge.serving.config import ServeConfig
 from kmerge.tasks.base import TASKS
 from kmerge.tasks.options import TaskOptions
 from kmerge.training import TrainConfig
 
-CONFIGS = (KMergeConfig, TrainConfig, SweepConfig, TaskOptions, BenchConfig)
+CONFIGS = (KMergeConfig, TrainConfig, SweepConfig, TaskOptions, BenchConfig, ServeConfig)
 
 
 def cli_fields(cls):
@@ -115,3 +116,19 @@ def test_bench_flags_make_the_bench_config(monkeypatch):
     assert cfg.lengths == (8, 16) and cfg.ks == (1, 4) and cfg.train is False
     assert cfg.merge_lora is False and cfg.generate is True and cfg.repeats == 5
     assert cfg.command.startswith("kmerge bench")
+
+
+def test_serve_flags_make_the_serve_config(monkeypatch):
+    seen = {}
+    monkeypatch.setattr("kmerge.serving.server.serve", lambda cfg: seen.setdefault("cfg", cfg))
+    main(["serve", "ckpt", "--port", "0", "--max-batch-size", "4", "--no-merge-lora"])
+    cfg = seen["cfg"]
+    assert (cfg.checkpoint, cfg.port, cfg.max_batch_size) == ("ckpt", 0, 4)
+    assert cfg.merge_lora is False and cfg.host == "127.0.0.1" and cfg.backend == "local"
+
+
+def test_serve_refuses_a_vllm_flag_without_the_vllm_backend(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["serve", "ckpt", "--vllm-url", "http://127.0.0.1:1"])
+    assert exit_info.value.code == 2
+    assert "--vllm-url applies only with --backend vllm" in capsys.readouterr().err

@@ -340,7 +340,8 @@ def test_cli_serve_bad_flags_are_one_line(tmp_path, capsys):
     from kmerge.cli import build_parser, main
 
     args = build_parser().parse_args(["serve", "ckpt"])
-    assert (args.host, args.api_key, args.backend) == ("127.0.0.1", None, "local")  # loopback
+    defaults = ServeConfig(checkpoint=args.checkpoint)  # unset flags keep ServeConfig's values
+    assert (defaults.host, defaults.api_key, defaults.backend) == ("127.0.0.1", None, "local")
 
     with pytest.raises(SystemExit) as err:
         main(["serve", str(tmp_path / "missing"), "--backend", "vllm"])

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Literal
 
 from kmerge.errors import KMergeConfigError
+from kmerge.options import option
 
 API_KEY_ENV = "KMERGE_API_KEY"
 
@@ -13,69 +15,43 @@ API_KEY_ENV = "KMERGE_API_KEY"
 class ServeConfig:
     """What ``kmerge serve`` runs with. Each field's ``help`` becomes its flag's help text."""
 
-    checkpoint: str = field(
-        default="", metadata={"help": "kmerge checkpoint directory (what kmerge train saves)"}
+    # the CLI's positional argument
+    checkpoint: str = option("", "kmerge checkpoint directory (what kmerge train saves)", cli=False)
+    host: str = option(
+        "127.0.0.1", "address to bind; loopback by default, 0.0.0.0 exposes the server"
     )
-    host: str = field(
-        default="127.0.0.1",
-        metadata={"help": "address to bind; loopback by default, 0.0.0.0 exposes the server"},
+    port: int = option(8000, "TCP port (0: any free port)")
+    served_model_name: str | None = option(
+        None, "the model id clients send (default: the checkpoint's folder name)"
     )
-    port: int = field(default=8000, metadata={"help": "TCP port (0: any free port)"})
-    served_model_name: str | None = field(
-        default=None,
-        metadata={"help": "the model id clients send (default: the checkpoint's folder name)"},
+    api_key: str | None = option(
+        None, f"require 'Authorization: Bearer KEY' (default: ${API_KEY_ENV} if set; no key: open)"
     )
-    api_key: str | None = field(
-        default=None,
-        metadata={
-            "help": f"require 'Authorization: Bearer KEY' (default: ${API_KEY_ENV} if set; "
-            "no key: open)"
-        },
+    backend: Literal["local", "vllm"] = option(
+        "local", "local (this process runs the model) or vllm (send merged embeddings)"
     )
-    backend: str = field(
-        default="local",
-        metadata={"help": "local (this process runs the model) or vllm (send merged embeddings)"},
+    vllm_url: str | None = option(
+        None, "vLLM OpenAI server base URL, e.g. http://127.0.0.1:8001", requires="backend=vllm"
     )
-    vllm_url: str | None = field(
-        default=None, metadata={"help": "vLLM OpenAI server base URL, e.g. http://127.0.0.1:8001"}
+    vllm_model: str | None = option(
+        None, "the model id vLLM serves (default: ask its /v1/models)", requires="backend=vllm"
     )
-    vllm_model: str | None = field(
-        default=None, metadata={"help": "the model id vLLM serves (default: ask its /v1/models)"}
+    max_batch_size: int = option(16, "most requests decoded together in one batch")
+    batch_wait_ms: float = option(
+        5.0, "how long the scheduler gathers concurrent requests into a batch"
     )
-    max_batch_size: int = field(
-        default=16, metadata={"help": "most requests decoded together in one batch"}
+    max_queue: int = option(64, "most requests waiting or running; more are refused with 429")
+    max_tokens_cap: int = option(512, "largest max_tokens a request may ask for")
+    default_max_tokens: int = option(16, "max_tokens when a request gives none (OpenAI's: 16)")
+    max_body_bytes: int = option(1_000_000, "largest request body; larger ones get 413")
+    k: int | None = option(
+        None,
+        "block size to merge at (default: the checkpoint's; requests may "
+        "ask for another K up to the checkpoint's)",
     )
-    batch_wait_ms: float = field(
-        default=5.0,
-        metadata={"help": "how long the scheduler gathers concurrent requests into a batch"},
-    )
-    max_queue: int = field(
-        default=64,
-        metadata={"help": "most requests waiting or running; more are refused with 429"},
-    )
-    max_tokens_cap: int = field(
-        default=512, metadata={"help": "largest max_tokens a request may ask for"}
-    )
-    default_max_tokens: int = field(
-        default=16, metadata={"help": "max_tokens when a request gives none (OpenAI's: 16)"}
-    )
-    max_body_bytes: int = field(
-        default=1_000_000, metadata={"help": "largest request body; larger ones get 413"}
-    )
-    k: int | None = field(
-        default=None,
-        metadata={"help": "block size to merge at (default: the checkpoint's; requests may "
-                  "ask for another K up to the checkpoint's)"},
-    )
-    merge_lora: bool = field(
-        default=True, metadata={"help": "fold LoRA into the base weights after loading"}
-    )
-    threads: int | None = field(
-        default=None, metadata={"help": "torch CPU threads (default: torch's choice)"}
-    )
-    drain_timeout_s: float = field(
-        default=30.0, metadata={"help": "on SIGTERM: how long in-flight requests may finish"}
-    )
+    merge_lora: bool = option(True, "fold LoRA into the base weights after loading")
+    threads: int | None = option(None, "torch CPU threads (default: torch's choice)")
+    drain_timeout_s: float = option(30.0, "on SIGTERM: how long in-flight requests may finish")
 
     def __post_init__(self) -> None:
         if self.backend not in ("local", "vllm"):
