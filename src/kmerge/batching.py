@@ -285,8 +285,8 @@ def compress_batch(
         if flat_answers
         else None
     )
-    # With spreading, a block's id is its last token's index: block sizes summed along the row.
-    block_ends = block_mask.sum(dim=-1).cumsum(dim=-1).sub(1).to(device) + len(prefix_ids)
+    if spread_positions:  # a block's id is its last token's index: block sizes summed
+        block_ends = block_mask.sum(dim=-1).cumsum(dim=-1).sub(1).to(device) + len(prefix_ids)
     offset = 0
     for i, (n, answer) in enumerate(zip(n_blocks, answer_ids)):
         start = seq_len - lengths[i]  # left padding

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from kmerge.errors import KMergeConfigError, KMergeError
-from kmerge.options import add_options, check_requirements, flag, given
+from kmerge.options import add_options, check_requirements, comma_list, flag, given
 
 PROTECT_FIELDS = ("protect_pattern", "protect_last", "protect_surprising")
 # What each subcommand takes of TrainConfig: the data to read (eval) and the sweep's budget.
@@ -317,15 +317,8 @@ def cmd_demo(args: argparse.Namespace) -> None:
     overrides.pop("output_dir")  # the demo's folder; each run has its own below it
     if given(args, KMergeConfig):
         overrides["model"] = given(args, KMergeConfig)
-    ks = tuple(_numbers(args.ks, int, "--ks"))
+    ks = tuple(comma_list(args.ks, int, "--ks"))
     run_demo(args.output_dir, ks=ks, **overrides)
-
-
-def _numbers(text: str, kind: type, option: str) -> list:
-    try:
-        return [kind(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise KMergeConfigError(f"{option} takes comma-separated numbers, got {text!r}") from None
 
 
 def cmd_pareto(args: argparse.Namespace) -> None:

@@ -61,12 +61,13 @@ def _list_item(hint: Any) -> type | None:
     return typing.get_args(kind)[0] if typing.get_origin(kind) in SEQUENCES else None
 
 
-def _comma_list(text: str, kind: type, name: str) -> list:
+def comma_list(text: str, kind: type, option_name: str) -> list:
+    """``"1, 2,4"`` -> ``[1, 2, 4]``; a bad item is a KMergeConfigError naming the option."""
     try:
         return [kind(v.strip()) for v in text.split(",") if v.strip()]
     except ValueError:
         raise KMergeConfigError(
-            f"{flag(name)} takes comma-separated numbers, got {text!r}"
+            f"{option_name} takes comma-separated numbers, got {text!r}"
         ) from None
 
 
@@ -76,9 +77,10 @@ def _argument(f: dataclasses.Field, hint: Any, help_text: str) -> dict:
     kw: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS}
     default = field_default(f)
     kind = _unwrap_optional(hint)
+    # booleans show their default through the flag's form (--x, or --x / --no-x)
     if (
-        default is not None
-        and default is not False
+        kind is not bool
+        and default is not None
         and default not in ("", [], ())
         and ("default" not in help_text)
     ):
@@ -89,7 +91,6 @@ def _argument(f: dataclasses.Field, hint: Any, help_text: str) -> dict:
     kw["help"] = help_text or None
     if kind is bool:
         kw["action"] = "store_true" if default is False else argparse.BooleanOptionalAction
-        kw["help"] = help_text.replace(" (default: True)", "") or None
     elif typing.get_origin(kind) is Literal:
         kw["choices"] = typing.get_args(kind)
     elif typing.get_origin(kind) in SEQUENCES:  # comma-separated; parsed by given()
@@ -139,7 +140,7 @@ def given(args: argparse.Namespace, cls: type) -> dict[str, Any]:
         if f.name in values and f.metadata.get("cli", True):
             value, item = values[f.name], _list_item(hints[f.name])
             if item is not None and isinstance(value, str):
-                value = _comma_list(value, item, f.name)
+                value = comma_list(value, item, flag(f.name))
             out[f.name] = value
     return out
 
