@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+from typing import Literal
 
 import pytest
 
 import kmerge.cli
 from kmerge.bench import BenchConfig
 from kmerge.cli import build_parser, main
+from kmerge.errors import KMergeConfigError
 from kmerge.modeling import KMergeConfig
-from kmerge.options import flag
+from kmerge.options import check_values, flag, option
 from kmerge.pareto import SweepConfig
 from kmerge.serving.config import ServeConfig
 from kmerge.tasks.base import TASKS
@@ -132,3 +134,49 @@ def test_serve_refuses_a_vllm_flag_without_the_vllm_backend(capsys):
         main(["serve", "ckpt", "--vllm-url", "http://127.0.0.1:1"])
     assert exit_info.value.code == 2
     assert "--vllm-url applies only with --backend vllm" in capsys.readouterr().err
+
+
+@dataclasses.dataclass
+class _Ranged:
+    count: int = option(1, "a count", minimum=1)
+    port: int = option(80, "a port", minimum=0, maximum=65535)
+    rate: float | None = option(None, "a rate", positive=True)
+    mode: Literal["a", "b", "c"] = option("a", "a mode")
+
+    def __post_init__(self) -> None:
+        check_values(self)
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"count": 0}, "count must be >= 1, got 0"),
+        ({"port": 70000}, r"port must be in 0\.\.65535, got 70000"),
+        ({"rate": 0.0}, "rate must be a positive number, got 0.0"),
+        ({"rate": float("inf")}, "rate must be a positive number, got inf"),
+        ({"mode": "d"}, "mode must be 'a', 'b' or 'c', got 'd'"),
+    ],
+)
+def test_declared_ranges_and_choices_are_checked(values, message):
+    with pytest.raises(KMergeConfigError, match=message):
+        _Ranged(**values)
+
+
+def test_values_inside_the_declared_ranges_pass():
+    ranged = _Ranged(count=5, port=0, rate=1e-3, mode="c")
+    assert (ranged.count, ranged.port, ranged.rate, ranged.mode) == (5, 0, 1e-3, "c")
+
+
+@pytest.mark.parametrize(
+    ("cls", "values", "message"),
+    [
+        (TrainConfig, {"keep_checkpoints": 0}, "keep_checkpoints must be >= 1"),
+        (BenchConfig, {"warmup": -1}, "warmup must be >= 0"),
+        (ServeConfig, {"checkpoint": "x", "port": -1}, r"port must be in 0\.\.65535"),
+        (ServeConfig, {"checkpoint": "x", "batch_wait_ms": -1.0}, "batch_wait_ms must be >= 0"),
+        (KMergeConfig, {"merge_norm": "l2"}, "merge_norm must be 'mean' or 'token'"),
+    ],
+)
+def test_every_config_checks_its_declared_ranges(cls, values, message):
+    with pytest.raises(KMergeConfigError, match=message):
+        cls(**values)

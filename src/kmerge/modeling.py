@@ -36,7 +36,7 @@ from kmerge.encoder import MergeEncoder, check_k
 from kmerge.errors import KMergeConfigError
 from kmerge.io import atomic_directory
 from kmerge.models import DEFAULT_MODEL, check_causal_lm, lm_logits, load_base_model
-from kmerge.options import option
+from kmerge.options import check_values, option
 
 if TYPE_CHECKING:
     from kmerge.methods import PromptCompressor
@@ -52,7 +52,7 @@ class KMergeConfig:
 
     k: int = option(4, "block size K: tokens merged into one position (1 = uncompressed)")
     base_model: str = option(DEFAULT_MODEL, "embedded name, hub id or local dir")
-    lora_r: int = option(8, "LoRA rank")
+    lora_r: int = option(8, "LoRA rank", minimum=1)
     lora_alpha: int = option(16, "LoRA alpha")
     lora_dropout: float = option(0.0, "LoRA dropout")
     lora_target_modules: str | list[str] = option(
@@ -102,7 +102,7 @@ class KMergeConfig:
         "regular expression; its matches stay ordinary tokens (tasks offer their question as "
         "query_pattern: --protect-query)",
     )
-    protect_last: int = option(0, "the last N prompt tokens stay ordinary tokens")
+    protect_last: int = option(0, "the last N prompt tokens stay ordinary tokens", minimum=0)
     # Hybrid compression (HyCo2-like): only the runs between the surprising tokens are merged.
     protect_surprising: float = option(
         0.0, "share of each prompt's tokens, the most surprising to the base model, kept raw"
@@ -118,23 +118,11 @@ class KMergeConfig:
         check_k(self.k)
         if isinstance(self.lora_target_modules, str) and "," in self.lora_target_modules:
             self.lora_target_modules = [m.strip() for m in self.lora_target_modules.split(",")]
-        if self.block_alignment not in ("start", "end", "segments"):
-            raise KMergeConfigError(
-                "block_alignment must be 'start', 'end' or 'segments', "
-                f"got {self.block_alignment!r}"
-            )
-        if self.lora_r < 1:
-            raise KMergeConfigError(f"lora_r must be >= 1, got {self.lora_r}")
-        if self.merge_norm not in ("mean", "token"):
-            raise KMergeConfigError(
-                f"merge_norm must be 'mean' or 'token', got {self.merge_norm!r}"
-            )
         if isinstance(self.protect_last, bool) or not isinstance(self.protect_last, int):
             raise KMergeConfigError(
                 f"protect_last must be an integer >= 0, got {self.protect_last!r}"
             )
-        if self.protect_last < 0:
-            raise KMergeConfigError(f"protect_last must be >= 0, got {self.protect_last}")
+        check_values(self)
         if self.protect_pattern is not None:
             try:
                 re.compile(self.protect_pattern)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import types
 import typing
 from collections.abc import Iterable, Sequence
@@ -26,12 +27,19 @@ def option(
     *,
     cli: bool = True,
     requires: str | None = None,
+    minimum: float | None = None,
+    maximum: float | None = None,
+    positive: bool = False,
     **kw,
 ) -> Any:
     """A dataclass field with a help text (``cli=False``: no flag, e.g. filled in by code;
     ``requires``: the field that must be set, or "field=value", for this one to mean
-    anything; see check_requirements)."""
-    metadata = {"help": help, "cli": cli, "requires": requires}
+    anything; see check_requirements). ``minimum`` / ``maximum`` (inclusive) and ``positive``
+    (> 0 and finite) declare the valid range, checked by :func:`check_values`."""
+    metadata = {
+        "help": help, "cli": cli, "requires": requires,
+        "minimum": minimum, "maximum": maximum, "positive": positive,
+    }  # fmt: skip
     return dataclasses.field(default=default, metadata=metadata, **kw)
 
 
@@ -158,3 +166,34 @@ def check_requirements(config: Any, names: Iterable[str]) -> None:
         if (str(actual) != value) if value else actual in (None, False, 0, "", []):
             wanted = f"{flag(field)} {value}" if value else flag(field)
             raise KMergeConfigError(f"{flag(name)} applies only with {wanted}")
+
+
+def _spelled(choices: Sequence[Any]) -> str:
+    """('a', 'b', 'c') -> "'a', 'b' or 'c'"."""
+    quoted = [repr(c) for c in choices]
+    return quoted[0] if len(quoted) == 1 else ", ".join(quoted[:-1]) + " or " + quoted[-1]
+
+
+def check_values(config: Any) -> None:
+    """Refuse a field value outside what its declaration allows: a Literal's choices, the
+    ``minimum`` / ``maximum`` / ``positive`` of :func:`option`. One check, one message format
+    for every config (None means unset and is always allowed)."""
+    hints = typing.get_type_hints(type(config))
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if value is None:
+            continue
+        kind = _unwrap_optional(hints[f.name])
+        if typing.get_origin(kind) is Literal and value not in typing.get_args(kind):
+            raise KMergeConfigError(
+                f"{f.name} must be {_spelled(typing.get_args(kind))}, got {value!r}"
+            )
+        low, high = f.metadata.get("minimum"), f.metadata.get("maximum")
+        if low is not None and high is not None and not low <= value <= high:
+            raise KMergeConfigError(f"{f.name} must be in {low}..{high}, got {value}")
+        if low is not None and value < low:
+            raise KMergeConfigError(f"{f.name} must be >= {low}, got {value}")
+        if high is not None and value > high:
+            raise KMergeConfigError(f"{f.name} must be <= {high}, got {value}")
+        if f.metadata.get("positive") and not (value > 0 and math.isfinite(value)):
+            raise KMergeConfigError(f"{f.name} must be a positive number, got {value}")

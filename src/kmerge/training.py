@@ -44,7 +44,7 @@ from kmerge.errors import KMergeConfigError, KMergeDataError
 from kmerge.evaluation import evaluate_sharded
 from kmerge.io import atomic_write_text, write_json
 from kmerge.modeling import KMergeConfig, KMergeModel
-from kmerge.options import option
+from kmerge.options import check_values, option
 from kmerge.provenance import as_json, differences
 from kmerge.tasks import Example, Task, build_task, check_stages, task_stages
 from kmerge.tasks.base import example_protect_spans, fit_prompts, name_example
@@ -71,28 +71,29 @@ class TrainConfig:
     # Task constructor options, e.g. {"data_dir": ...} (the CLI's flags: kmerge.tasks.TaskOptions)
     task_options: dict = option(cli=False, default_factory=dict)
     max_prompt_tokens: int | None = option(
-        None, "shorten longer prompts to their head and tail (the count is reported)"
+        None, "shorten longer prompts to their head and tail (the count is reported)", minimum=1
     )
     n_train: int | None = option(
         None,
         "training examples (default: the tree task makes a fresh one for every example the "
         "run uses, no repeated epochs; file tasks use every row)",
+        minimum=1,
     )
     balance_classes: bool = option(
         False,
         "labelled tasks: train on every answer equally often (minority classes repeated)",
     )
-    n_eval: int = option(128, "held-out examples")
-    steps: int = option(300, "optimizer steps (per stage in curriculum mode)")
+    n_eval: int = option(128, "held-out examples", minimum=1)
+    steps: int = option(300, "optimizer steps (per stage in curriculum mode)", minimum=1)
     # 16 left K=4 at chance on the tree task here: docs/demo.md
-    batch_size: int = option(32, "examples per optimizer step (per process)")
-    grad_accum: int = option(1, "gradient accumulation steps")
-    lr: float = option(3e-4, "LoRA learning rate")
-    encoder_lr: float | None = option(None, "encoder learning rate (default: --lr)")
+    batch_size: int = option(32, "examples per optimizer step (per process)", minimum=1)
+    grad_accum: int = option(1, "gradient accumulation steps", minimum=1)
+    lr: float = option(3e-4, "LoRA learning rate", positive=True)
+    encoder_lr: float | None = option(None, "encoder learning rate (default: --lr)", positive=True)
     weight_decay: float = option(0.0, "AdamW weight decay")
     warmup_steps: int = option(20, "linear warm-up steps")
     max_grad_norm: float = option(1.0, "gradient clipping norm")
-    eval_every: int = option(50, "steps between held-out evaluations")
+    eval_every: int = option(50, "steps between held-out evaluations", minimum=1)
     log_every: int = option(10, "steps per loss record")
     # The learning-rate schedule follows the budget: cosine over whichever of steps and time is
     # used up first.
@@ -100,6 +101,7 @@ class TrainConfig:
         None,
         "stop after this many seconds of optimisation (evaluation excluded); the LR schedule "
         "follows the budget",
+        positive=True,
     )
     budget_clock: Literal["wall", "cpu"] = option(
         "wall",
@@ -146,9 +148,10 @@ class TrainConfig:
         "with an output dir: steps between resumable checkpoints in OUTPUT_DIR/checkpoints; "
         "SIGINT/SIGTERM then write one and stop cleanly (0: no checkpoints, signals act as "
         "usual)",
+        minimum=0,
     )
     keep_checkpoints: int = option(
-        2, "how many resumable checkpoints to keep", requires="save_every"
+        2, "how many resumable checkpoints to keep", requires="save_every", minimum=1
     )
     resume: bool = option(False, "continue from the newest complete checkpoint")
     overwrite: bool = option(
@@ -169,26 +172,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if isinstance(self.model, dict):
             self.model = KMergeConfig.from_dict(self.model)
-        positive = ("steps", "batch_size", "grad_accum", "eval_every", "n_eval", "keep_checkpoints")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise KMergeConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.n_train is not None and self.n_train < 1:
-            raise KMergeConfigError(f"n_train must be >= 1, got {self.n_train}")
-        for name in ("lr", "encoder_lr", "time_budget"):
-            value = getattr(self, name)
-            if value is not None and not (value > 0 and math.isfinite(value)):
-                raise KMergeConfigError(f"{name} must be a positive number, got {value}")
-        if self.budget_clock not in ("wall", "cpu"):
-            raise KMergeConfigError(
-                f"budget_clock must be 'wall' or 'cpu', got {self.budget_clock!r}"
-            )
-        if self.lr_schedule not in ("cosine", "constant"):
-            raise KMergeConfigError(
-                f"lr_schedule must be 'cosine' or 'constant', got {self.lr_schedule!r}"
-            )
-        if self.k_order not in ("sample", "schedule"):
-            raise KMergeConfigError(f"k_order must be 'sample' or 'schedule', got {self.k_order!r}")
+        check_values(self)
         if self.k_choices is not None:
             if not self.k_choices:
                 raise KMergeConfigError("k_choices must list at least one K")
@@ -198,18 +182,10 @@ class TrainConfig:
                         f"k_choices: every K must be an integer in 1..{self.model.k} (the "
                         f"model's K), got {k!r}"
                     )
-        if self.save_every < 0:
-            raise KMergeConfigError(f"save_every must be >= 0, got {self.save_every}")
         if self.resume and self.overwrite:
             raise KMergeConfigError("give resume or overwrite, not both")
         if self.resume and not self.output_dir:
             raise KMergeConfigError("resume needs the output_dir that holds the checkpoints")
-        if self.mixed_precision not in (None, "no", "fp16", "bf16"):
-            raise KMergeConfigError(
-                f"mixed_precision must be 'no', 'fp16' or 'bf16', got {self.mixed_precision!r}"
-            )
-        if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:
-            raise KMergeConfigError(f"max_prompt_tokens must be >= 1, got {self.max_prompt_tokens}")
         if self.curriculum and not task_stages(self.task):
             raise KMergeConfigError(
                 f"a curriculum walks a task's stages: task {self.task!r} has none"

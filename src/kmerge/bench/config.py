@@ -11,7 +11,7 @@ import torch
 from kmerge.encoder import check_k
 from kmerge.errors import KMergeConfigError
 from kmerge.models import DEFAULT_MODEL
-from kmerge.options import option
+from kmerge.options import check_values, option
 
 
 @dataclass
@@ -19,9 +19,9 @@ class BenchConfig:
     base_model: str = option(DEFAULT_MODEL, "embedded name, hub id or local dir")
     lengths: Sequence[int] = option((256, 1024, 2048, 4096), "prompt lengths in tokens")
     ks: Sequence[int] = option((1, 2, 4, 8), "K values (1 = uncompressed)")
-    repeats: int = option(5, "timed rounds (medians, IQR reported)")
-    warmup: int = option(1, "untimed rounds first")
-    decode_tokens: int = option(32, "greedy tokens decoded after each prefill (0: skip)")
+    repeats: int = option(5, "timed rounds (medians, IQR reported)", minimum=1)
+    warmup: int = option(1, "untimed rounds first", minimum=0)
+    decode_tokens: int = option(32, "greedy tokens decoded after each prefill (0: skip)", minimum=0)
     device: str = option("auto", "auto (cuda if available), cpu, cuda, cuda:1")
     dtype: str = option("auto", "auto (bfloat16 on cuda, else float32), float32, bfloat16, ...")
     merge_lora: bool = option(
@@ -31,19 +31,17 @@ class BenchConfig:
     )
     train: bool = option(True, "time a training step per K")
     train_ks: Sequence[int] = option((1, 4), "K values of the training step")
-    train_batch_size: int = option(16, "examples per timed training step")
+    train_batch_size: int = option(16, "examples per timed training step", minimum=1)
     train_data_dir: str | None = option(
         None, "Amazon Reviews files (e.g. ../shared/data/amazon_reviews); default: synthetic"
     )
-    train_prompt_tokens: int = option(256, "synthetic training prompts' length")
-    train_max_prompt_tokens: int | None = option(
-        None, "head + tail cut of longer review prompts"
-    )
+    train_prompt_tokens: int = option(256, "synthetic training prompts' length", minimum=1)
+    train_max_prompt_tokens: int | None = option(None, "head + tail cut of longer review prompts")
     generate: bool = option(True, "time cached generate against re-running the sequence")
     generate_k: int = option(4, "K of the generation timing")
-    generate_prompt_tokens: int = option(1024, "prompt length of the generation timing")
-    generate_new_tokens: int = option(64, "tokens generated per timed generation")
-    generate_repeats: int = option(3, "timed generations")
+    generate_prompt_tokens: int = option(1024, "prompt length of the generation timing", minimum=1)
+    generate_new_tokens: int = option(64, "tokens generated per timed generation", minimum=1)
+    generate_repeats: int = option(3, "timed generations", minimum=1)
     seed: int = option(0, "seed of prompts and weights")
     output_dir: str = option("runs/bench", "bench.json and bench.png")
     command: str = option("", cli=False)  # the invocation, recorded with the results
@@ -59,18 +57,7 @@ class BenchConfig:
                 raise KMergeConfigError(f"{name} needs at least one value")
         for k in (*self.ks, *self.train_ks, self.generate_k):
             check_k(k)
-        for name, low in (
-            ("repeats", 1),
-            ("warmup", 0),
-            ("decode_tokens", 0),
-            ("train_batch_size", 1),
-            ("train_prompt_tokens", 1),
-            ("generate_prompt_tokens", 1),
-            ("generate_new_tokens", 1),
-            ("generate_repeats", 1),
-        ):
-            if getattr(self, name) < low:
-                raise KMergeConfigError(f"{name} must be >= {low}, got {getattr(self, name)}")
+        check_values(self)
         if min(self.lengths) < 1:
             raise KMergeConfigError(f"prompt lengths must be >= 1 token, got {min(self.lengths)}")
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from kmerge.errors import KMergeConfigError
-from kmerge.options import option
+from kmerge.options import check_values, option
 
 API_KEY_ENV = "KMERGE_API_KEY"
 
@@ -20,7 +20,7 @@ class ServeConfig:
     host: str = option(
         "127.0.0.1", "address to bind; loopback by default, 0.0.0.0 exposes the server"
     )
-    port: int = option(8000, "TCP port (0: any free port)")
+    port: int = option(8000, "TCP port (0: any free port)", minimum=0, maximum=65535)
     served_model_name: str | None = option(
         None, "the model id clients send (default: the checkpoint's folder name)"
     )
@@ -36,14 +36,16 @@ class ServeConfig:
     vllm_model: str | None = option(
         None, "the model id vLLM serves (default: ask its /v1/models)", requires="backend=vllm"
     )
-    max_batch_size: int = option(16, "most requests decoded together in one batch")
+    max_batch_size: int = option(16, "most requests decoded together in one batch", minimum=1)
     batch_wait_ms: float = option(
-        5.0, "how long the scheduler gathers concurrent requests into a batch"
+        5.0, "how long the scheduler gathers concurrent requests into a batch", minimum=0
     )
-    max_queue: int = option(64, "most requests waiting or running; more are refused with 429")
-    max_tokens_cap: int = option(512, "largest max_tokens a request may ask for")
+    max_queue: int = option(
+        64, "most requests waiting or running; more are refused with 429", minimum=1
+    )
+    max_tokens_cap: int = option(512, "largest max_tokens a request may ask for", minimum=1)
     default_max_tokens: int = option(16, "max_tokens when a request gives none (OpenAI's: 16)")
-    max_body_bytes: int = option(1_000_000, "largest request body; larger ones get 413")
+    max_body_bytes: int = option(1_000_000, "largest request body; larger ones get 413", minimum=1)
     k: int | None = option(
         None,
         "block size to merge at (default: the checkpoint's; requests may "
@@ -54,19 +56,11 @@ class ServeConfig:
     drain_timeout_s: float = option(30.0, "on SIGTERM: how long in-flight requests may finish")
 
     def __post_init__(self) -> None:
-        if self.backend not in ("local", "vllm"):
-            raise KMergeConfigError(f"backend must be 'local' or 'vllm', got {self.backend!r}")
+        check_values(self)
         if self.backend == "vllm" and not self.vllm_url:
             raise KMergeConfigError("--backend vllm needs --vllm-url (vLLM's OpenAI server)")
-        if not 0 <= self.port <= 65535:
-            raise KMergeConfigError(f"port must be in 0..65535, got {self.port}")
-        for name in ("max_batch_size", "max_queue", "max_tokens_cap", "max_body_bytes"):
-            if getattr(self, name) < 1:
-                raise KMergeConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 1 <= self.default_max_tokens <= self.max_tokens_cap:
             raise KMergeConfigError(
                 f"default_max_tokens must be in 1..max_tokens_cap ({self.max_tokens_cap}), "
                 f"got {self.default_max_tokens}"
             )
-        if self.batch_wait_ms < 0:
-            raise KMergeConfigError(f"batch_wait_ms must be >= 0, got {self.batch_wait_ms}")
