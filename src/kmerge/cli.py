@@ -113,24 +113,20 @@ def _model_config(args: argparse.Namespace, task: str | None = None):
     return config
 
 
-def _train_config(args: argparse.Namespace, **extra):
-    """The TrainConfig of the flags given; everything else keeps its default."""
+def _train_config(args: argparse.Namespace, *, model_flags: bool = True, **extra):
+    """The TrainConfig of the flags given; everything else keeps its default. eval and
+    generate pass ``model_flags=False``: only the data settings matter there, the model
+    comes from the checkpoint (_load)."""
+    from kmerge.modeling import KMergeConfig
     from kmerge.training import TrainConfig
 
     task, options = _task_name_and_options(args)
     flags = given(args, TrainConfig)
     values = flags | {"task": task, "task_options": options} | extra
-    config = TrainConfig(model=_model_config(args, task), **values)
+    model = _model_config(args, task) if model_flags else KMergeConfig()
+    config = TrainConfig(model=model, **values)
     check_requirements(config, flags)
     return config
-
-
-def _data_settings(args: argparse.Namespace):
-    """eval and generate: the TrainConfig data settings given (model flags are _load's)."""
-    from kmerge.training import TrainConfig
-
-    task, options = _task_name_and_options(args)
-    return TrainConfig(**given(args, TrainConfig) | {"task": task, "task_options": options})
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -260,7 +256,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     _check_counts(args, {"batch_size": 1, "n_eval": 1, "max_new_tokens": 1, "generate_n": 0})
     if args.output and Path(args.output).is_dir():
         raise KMergeConfigError(f"--output {args.output} is a directory, not a file to write")
-    data = _data_settings(args)
+    data = _train_config(args, model_flags=False)
     name, options = data.task, data.task_options
     task = build_task(name, data.seed, data.stage, data.n_eval, options=options)
     examples = task.examples("test", data.n_eval)  # bad data fails before the model loads
@@ -301,7 +297,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     if args.do_sample:
         kwargs = {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p}
     k = getattr(args, "k", None) if args.checkpoint else None
-    size = _data_settings(args).batch_size
+    size = _train_config(args, model_flags=False).batch_size
     for start in range(0, len(prompts), size):
         batch = prompts[start : start + size]
         for text in model.generate(batch, max_new_tokens=args.max_new_tokens, k=k, **kwargs):
