@@ -4,7 +4,8 @@
 
 Question types (from the tree): ``edge`` (X is Y's parent: the only "true"), ``reversed``
 (Y is X's parent), ``grandparent`` / ``grandchild`` (two levels apart on one branch),
-``siblings`` (same parent), ``other``. Layout: whether the names X and Y each sit whole inside
+``siblings`` (same parent), ``other``; each also split by whether the root is one of the two
+names. Layout: whether the names X and Y each sit whole inside
 one merged block of the prompt's tree part, or are cut across two blocks.
 """
 
@@ -82,7 +83,12 @@ def main() -> None:
     for example, prediction in zip(examples, result["predictions"]):
         meta = example.meta
         hit = prediction.strip().lower() == example.answer
-        groups["type: " + question_type(meta["tree"], meta["parent"], meta["child"])].append(hit)
+        kind = question_type(meta["tree"], meta["parent"], meta["child"])
+        groups["type: " + kind].append(hit)
+        # The root's line opens the prompt: merged, it shares position 0 (an attention sink).
+        root = meta["tree"].split("\n")[0]
+        asked = "with" if root in (meta["parent"], meta["child"]) else "without"
+        groups[f"type: {kind}, {asked} the root"].append(hit)
         if model.k > 1:
             cut = any(name_cut(model, example.prompt, meta["tree"], n)
                       for n in (meta["parent"], meta["child"]))  # fmt: skip
