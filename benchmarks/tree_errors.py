@@ -5,8 +5,8 @@
 Question types (from the tree): ``edge`` (X is Y's parent: the only "true"), ``reversed``
 (Y is X's parent), ``grandparent`` / ``grandchild`` (two levels apart on one branch),
 ``siblings`` (same parent), ``other``; each also split by whether the root is one of the two
-names. Layout: whether the names X and Y each sit whole inside
-one merged block of the prompt's tree part, or are cut across two blocks.
+names. Layout: whether the names X and Y each sit whole inside one merged block of the
+prompt's tree part, or are cut across two blocks.
 """
 
 from __future__ import annotations
