@@ -121,7 +121,8 @@ def test_chat_merges_the_templated_conversation(client, model):
 
 
 def test_sampling_settings(client):
-    base = dict(model=NAME, prompt=PROMPTS[0], max_tokens=12)
+    # ignore_eos: the stop-string checks below need 12 tokens on any CPU's greedy path.
+    base = dict(model=NAME, prompt=PROMPTS[0], max_tokens=12, extra_body={"ignore_eos": True})
     greedy = client.completions.create(temperature=0, **base).choices[0].text
     a = client.completions.create(temperature=1.5, seed=7, **base).choices[0].text
     b = client.completions.create(temperature=1.5, seed=7, **base).choices[0].text
@@ -192,14 +193,15 @@ def test_api_key(server):
 
 def test_queue_limit_429_and_disconnect_frees_the_slot(model, monkeypatch):
     # Slow each decode step down so the tiny model's stream is still running when the test
-    # acts (it would otherwise finish 200 tokens in a blink).
+    # acts (it would otherwise finish 200 tokens in a blink); ignore_eos so that no CPU's
+    # greedy tokens can end it early.
     step = DecodeBatch.step
-    monkeypatch.setattr(DecodeBatch, "step", lambda self: (time.sleep(0.01), step(self)))
+    monkeypatch.setattr(DecodeBatch, "step", lambda self: (time.sleep(0.03), step(self)))
     with start(model, max_queue=1, api_key=None) as s:
         c = openai.OpenAI(base_url=s.url + "/v1", api_key="-", max_retries=0)
         scheduler = s.app.state.backend.scheduler
         body = {"model": NAME, "prompt": "hello there", "max_tokens": 200, "temperature": 0,
-                "stream": True}
+                "stream": True, "ignore_eos": True}
         with httpx.stream("POST", s.url + "/v1/completions", json=body, timeout=30) as r:
             assert r.status_code == 200
             lines = r.iter_lines()  # kept: a dropped line iterator closes the response
