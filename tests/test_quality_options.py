@@ -4,6 +4,7 @@ norm-matched merges, fresh tree streams, time budgets, several K in one model, w
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -12,6 +13,12 @@ from kmerge.batching import prompt_layout
 from kmerge.errors import KMergeConfigError, KMergeDataError
 from kmerge.evaluation import evaluate
 from kmerge.modeling import KMergeConfig, KMergeModel
+from kmerge.reconstruction import (
+    RECONSTRUCT_INSTRUCTION,
+    is_reconstruction_step,
+    reconstruction_example,
+)
+from kmerge.tasks.base import Example, example_protect_spans
 from kmerge.tasks import get_task
 from kmerge.tasks.tree import TreeTask, make_tree_examples
 from kmerge.training import TrainConfig, load_data, train
@@ -257,6 +264,8 @@ def test_several_k_trains_each_k_and_evaluates_at_each(tiny_model, tmp_path):
         ({"k_choices": [1, 8]}, r"every K must be an integer in 1..4"),
         ({"budget_clock": "gpu"}, "budget_clock must be"),
         ({"n_train": 0}, "n_train must be >= 1"),
+        ({"reconstruct_share": -0.1}, r"reconstruct_share must be in 0.0..1.0"),
+        ({"reconstruct_share": 1.0}, "reconstruct_share must be below 1"),
     ],
 )
 def test_bad_training_options(overrides, message):
@@ -480,3 +489,51 @@ def test_spread_positions_count_against_the_context(tiny_model):
     assert len(fed_positions(tiny_model(4).prepare([prompt]))) <= 256
     with pytest.raises(KMergeDataError, match="the model's context is 256"):
         tiny_model(4, spread_positions=True).prepare([prompt])
+
+
+def test_reconstruction_example_repeats_the_prompt_after_a_raw_instruction(tiny_model, tokenizer):
+    example = Example(TREE_PROMPTS[0], "true", meta={"protect": ["Parent/Child"]})
+    recon = reconstruction_example(example)
+    assert recon.answer == example.prompt
+    assert recon.prompt == example.prompt + RECONSTRUCT_INSTRUCTION
+    model = tiny_model(4)
+    with torch.no_grad():
+        batch = model.prepare([recon.prompt], protect=example_protect_spans([recon]))
+    n_instruction = len(tokenizer(RECONSTRUCT_INSTRUCTION, add_special_tokens=False)["input_ids"])
+    n_kept = len(tokenizer("/Child", add_special_tokens=False)["input_ids"]) + 1  # + "Parent"
+    assert batch.raw_positions == [n_instruction + n_kept]  # both texts stay ordinary tokens
+
+
+def test_reconstruction_steps_are_spread_evenly():
+    steps = [s for s in range(40) if is_reconstruction_step(s, 0.25)]
+    assert steps == list(range(3, 40, 4))
+    assert sum(is_reconstruction_step(s, 0.1) for s in range(1000)) == 100
+    assert not any(is_reconstruction_step(s, 0.0) for s in range(100))
+
+
+def test_training_with_reconstruction_steps(tiny_model, tmp_path):
+    model = tiny_model(4)
+    calls, forward = [], model.forward
+
+    def spy(prompts, answers, **options):
+        calls.append((prompts, answers, options.get("protect")))
+        return forward(prompts, answers, **options)
+
+    model.forward = spy
+    result = train(small_run(tmp_path, steps=8, reconstruct_share=0.25), model)
+    kinds = [answers == [p.removesuffix(RECONSTRUCT_INSTRUCTION) for p in prompts]
+             for prompts, answers, _ in calls]
+    assert kinds == [is_reconstruction_step(s, 0.25) for s in range(8)]
+    for (prompts, _, protect), recon in zip(calls, kinds):
+        assert all(p.endswith(RECONSTRUCT_INSTRUCTION) == recon for p in prompts)
+        assert (protect is not None) == recon  # the instruction is fed raw
+    records = [r for r in result.history if "lr" in r]
+    assert [("loss" in r, "reconstruct_loss" in r) for r in records] == [
+        (not recon, recon) for recon in kinds
+    ]  # log_every=1: each record is one step, its loss under its own name
+    assert all(math.isfinite(r.get("loss", r.get("reconstruct_loss"))) for r in records)
+
+
+def test_reconstruction_needs_merged_prompts():
+    with pytest.raises(KMergeConfigError, match="reconstruct_share needs K > 1"):
+        TrainConfig(model=KMergeConfig(k=1), reconstruct_share=0.2)

@@ -47,6 +47,7 @@ from kmerge.modeling import KMergeConfig, KMergeModel
 from kmerge.options import check_values, option
 from kmerge.provenance import as_json, differences
 from kmerge.tasks import Example, Task, build_task, check_stages, task_stages
+from kmerge.reconstruction import is_reconstruction_step, reconstruction_example
 from kmerge.tasks.base import example_protect_spans, fit_prompts, name_example
 
 
@@ -139,6 +140,14 @@ class TrainConfig:
         "set seen more than once (--n-train), each teacher forward is paid once",
         requires="teacher",
     )
+    # kmerge.reconstruction: a dense signal about what merged vectors hold (ICAE's objective).
+    reconstruct_share: float = option(
+        0.0,
+        "share of optimizer steps that train the model to repeat the merged prompt as tokens "
+        "(autoencoding) instead of answering it",
+        minimum=0.0,
+        maximum=1.0,
+    )
     seed: int = option(0, "seed of data, initialisation and sampling")
     output_dir: str | None = option(None, "checkpoint, metrics, results")
     progress: bool = option(True, "progress bar")
@@ -182,6 +191,13 @@ class TrainConfig:
                         f"k_choices: every K must be an integer in 1..{self.model.k} (the "
                         f"model's K), got {k!r}"
                     )
+        if self.reconstruct_share == 1.0:
+            raise KMergeConfigError("reconstruct_share must be below 1: 1 leaves no task steps")
+        if self.reconstruct_share and self.model.k == 1:
+            raise KMergeConfigError(
+                "reconstruct_share needs K > 1: at K=1 the prompt is not merged, there is "
+                "nothing to reconstruct"
+            )
         if self.resume and self.overwrite:
             raise KMergeConfigError("give resume or overwrite, not both")
         if self.resume and not self.output_dir:
@@ -302,6 +318,7 @@ class Progress:
     batches_done: int = 0  # of the current epoch, on each process
     epoch_rng: str | None = None  # the shuffling generator's state when the epoch began
     window: list[float] = field(default_factory=list)  # losses since the last log record
+    reconstruct_window: list[float] = field(default_factory=list)  # ... of reconstruction steps
     elapsed: float = 0.0  # wall seconds up to the last checkpoint, evaluation included
     eval_seconds: float = 0.0
     train_seconds: float = 0.0  # optimisation only, on the budget's clock (wall or cpu)
@@ -311,6 +328,7 @@ class Progress:
 
     def next_stage(self) -> None:
         self.stage_index, self.stage_step, self.window = self.stage_index + 1, 0, []
+        self.reconstruct_window = []
         self.epoch, self.batches_done, self.epoch_rng = 0, 0, None
 
 
@@ -527,11 +545,13 @@ class _Trainer:
         self.model.train()
         while True:
             started = _clock(cfg.budget_clock)
-            loss = self._optimizer_step(batches, stage)
+            reconstruct = is_reconstruction_step(p.step, cfg.reconstruct_share)
+            loss = self._optimizer_step(batches, stage, reconstruct)
             p.train_seconds += _clock(cfg.budget_clock) - started
             p.step, p.stage_step = p.step + 1, p.stage_step + 1
             self.bar.update(1)
-            self._log_loss(stage, loss)
+            (p.reconstruct_window if reconstruct else p.window).append(loss)
+            self._log_loss(stage)
             done = p.stage_step == cfg.steps or self._out_of_time()
             if data.held_out and (p.step % cfg.eval_every == 0 or done):
                 result = self._evaluate(data, stage)
@@ -591,19 +611,24 @@ class _Trainer:
                 yield batch
             p.epoch, p.batches_done, p.epoch_rng = p.epoch + 1, 0, None
 
-    def _optimizer_step(self, batches: Iterator[list[Example]], stage: str) -> float:
+    def _optimizer_step(
+        self, batches: Iterator[list[Example]], stage: str, reconstruct: bool = False
+    ) -> float:
         """One optimizer step over ``grad_accum`` micro-batches; returns the loss averaged over
-        the micro-batches and the processes (what one process with the whole batch logs)."""
+        the micro-batches and the processes (what one process with the whole batch logs).
+        ``reconstruct``: the batch's prompts are to be repeated instead of answered."""
         acc, cfg = self.accelerator, self.cfg
         step_loss = 0.0
         k = self._step_k()
         for _ in range(cfg.grad_accum):
             batch = next(batches)
+            if reconstruct:
+                batch = [reconstruction_example(e) for e in batch]
             with acc.accumulate(self.model):
                 prompts, answers = [e.prompt for e in batch], [e.answer for e in batch]
                 protect = example_protect_spans(batch)
                 try:
-                    if self.distiller is not None:
+                    if self.distiller is not None and not reconstruct:
                         model = acc.unwrap_model(self.model)
                         result = self.distiller(model, prompts, answers, k, protect)
                         self.progress.teacher_seconds += result.teacher_seconds
@@ -640,21 +665,25 @@ class _Trainer:
             f"stopped before that update, {kept}"
         )
 
-    def _log_loss(self, stage: str, loss: float) -> None:
+    def _log_loss(self, stage: str) -> None:
+        """Every ``log_every`` steps: the mean task loss (and reconstruction loss) since the
+        last record."""
         p = self.progress
-        p.window.append(loss)
         if p.step % self.cfg.log_every == 0:
-            avg = sum(p.window) / len(p.window)
-            lr = self.scheduler.get_last_lr()[0]
+            record = {"step": p.step, "stage": stage}
+            if p.window:
+                record["loss"] = sum(p.window) / len(p.window)
+                self.bar.set_postfix(loss=f"{record['loss']:.3f}", stage=stage)
+            if p.reconstruct_window:
+                record["reconstruct_loss"] = sum(p.reconstruct_window) / len(p.reconstruct_window)
             self.log(
                 {
-                    "step": p.step, "stage": stage, "loss": avg, "lr": lr,
+                    **record, "lr": self.scheduler.get_last_lr()[0],
                     "elapsed": self.elapsed(), "train_seconds": p.train_seconds,
                     **(self._teacher_record() if self.distiller else {}),
                 }
             )  # fmt: skip
-            self.bar.set_postfix(loss=f"{avg:.3f}", stage=stage)
-            p.window = []
+            p.window, p.reconstruct_window = [], []
 
     def _evaluate(self, data: TaskData, stage: str) -> dict:
         """Held-out metrics (every process evaluates a shard), logged."""
