@@ -18,8 +18,8 @@ from kmerge.reconstruction import (
     is_reconstruction_step,
     reconstruction_example,
 )
-from kmerge.tasks.base import Example, example_protect_spans
 from kmerge.tasks import get_task
+from kmerge.tasks.base import Example, example_protect_spans
 from kmerge.tasks.tree import TreeTask, make_tree_examples
 from kmerge.training import TrainConfig, load_data, train
 from tests.conftest import randomise_trainables

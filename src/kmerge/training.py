@@ -46,8 +46,8 @@ from kmerge.io import atomic_write_text, write_json
 from kmerge.modeling import KMergeConfig, KMergeModel
 from kmerge.options import check_values, option
 from kmerge.provenance import as_json, differences
-from kmerge.tasks import Example, Task, build_task, check_stages, task_stages
 from kmerge.reconstruction import is_reconstruction_step, reconstruction_example
+from kmerge.tasks import Example, Task, build_task, check_stages, task_stages
 from kmerge.tasks.base import example_protect_spans, fit_prompts, name_example
 
 
