@@ -8,6 +8,8 @@ from kmerge.errors import KMergeConfigError
 
 HIDDEN = 8
 KS = [1, 2, 3, 4, 8]
+# Encoder variants every masking and init property must hold for.
+OPTIONS = [{}, {"input_norm": True}, {"attention_pooling": True}]
 
 
 def random_blocks(k, batch=3, n=5, seed=0):
@@ -42,12 +44,12 @@ def perturb_mlp(encoder, seed=0, std=0.3):
             p.copy_(torch.randn(p.shape, generator=g) * std)
 
 
-@pytest.mark.parametrize("input_norm", [False, True])
+@pytest.mark.parametrize("options", OPTIONS)
 @pytest.mark.parametrize("k", KS)
-def test_init_is_masked_mean(k, input_norm):
+def test_init_is_masked_mean(k, options):
     """At initialisation the encoder is exactly the mean of each block's real tokens."""
     blocks, mask = random_blocks(k, seed=k)
-    encoder = MergeEncoder(HIDDEN, k, input_norm=input_norm)
+    encoder = MergeEncoder(HIDDEN, k, **options)
     out = encoder(blocks, mask)
     assert out.shape == (3, 5, HIDDEN)
     torch.testing.assert_close(out, masked_mean(blocks, mask), rtol=1e-6, atol=1e-6)
@@ -62,13 +64,13 @@ def test_k1_is_identity_without_parameters():
     assert torch.equal(encoder(blocks, mask), blocks[:, :, 0])
 
 
-@pytest.mark.parametrize("input_norm", [False, True])
+@pytest.mark.parametrize("options", OPTIONS)
 @pytest.mark.parametrize("k", KS)
 @pytest.mark.parametrize("perturbed", [False, True])
-def test_empty_blocks_are_zero(k, perturbed, input_norm):
+def test_empty_blocks_are_zero(k, perturbed, options):
     """A block with no real token comes out as exact zeros, even with a non-zero MLP bias."""
     blocks, mask = random_blocks(k, seed=k)
-    encoder = MergeEncoder(HIDDEN, k, input_norm=input_norm)
+    encoder = MergeEncoder(HIDDEN, k, **options)
     if perturbed and k > 1:
         perturb_mlp(encoder)
     out = encoder(blocks, mask)
@@ -78,13 +80,13 @@ def test_empty_blocks_are_zero(k, perturbed, input_norm):
     assert (out[~empty].abs().sum(dim=-1) > 0).all()
 
 
-@pytest.mark.parametrize("input_norm", [False, True])
+@pytest.mark.parametrize("options", OPTIONS)
 @pytest.mark.parametrize("k", KS)
 @pytest.mark.parametrize("perturbed", [False, True])
-def test_padding_values_do_not_leak(k, perturbed, input_norm):
+def test_padding_values_do_not_leak(k, perturbed, options):
     """Whatever sits in masked slots (here huge random numbers) does not change the output."""
     blocks, mask = random_blocks(k, seed=k)
-    encoder = MergeEncoder(HIDDEN, k, input_norm=input_norm)
+    encoder = MergeEncoder(HIDDEN, k, **options)
     if perturbed and k > 1:
         perturb_mlp(encoder)
     garbage = blocks.clone()
@@ -93,14 +95,14 @@ def test_padding_values_do_not_leak(k, perturbed, input_norm):
     torch.testing.assert_close(encoder(garbage, mask), encoder(blocks, mask), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("input_norm", [False, True])
+@pytest.mark.parametrize("options", OPTIONS)
 @pytest.mark.parametrize("k", [2, 3, 4, 8])
-def test_residual_mlp_is_used_and_sees_order(k, input_norm):
+def test_residual_mlp_is_used_and_sees_order(k, options):
     """Once trained (perturbed), the output is no longer the mean and depends on token order
     inside a block, which the mean alone cannot see."""
     blocks = torch.randn(2, 3, k, HIDDEN)
     mask = torch.ones(2, 3, k, dtype=torch.bool)
-    encoder = MergeEncoder(HIDDEN, k, input_norm=input_norm)
+    encoder = MergeEncoder(HIDDEN, k, **options)
     perturb_mlp(encoder)
     out = encoder(blocks, mask)
     mean = masked_mean(blocks, mask)
@@ -111,15 +113,29 @@ def test_residual_mlp_is_used_and_sees_order(k, input_norm):
     assert (encoder(reversed_blocks, mask) - out).abs().max() > 1e-2
 
 
-@pytest.mark.parametrize("input_norm", [False, True])
-def test_perturbed_encoder_has_gradients_everywhere(input_norm):
+@pytest.mark.parametrize("options", OPTIONS)
+def test_perturbed_encoder_has_gradients_everywhere(options):
     """The residual branch is connected: every encoder parameter gets a gradient."""
-    encoder = MergeEncoder(HIDDEN, 4, input_norm=input_norm)
+    encoder = MergeEncoder(HIDDEN, 4, **options)
     perturb_mlp(encoder)
     blocks, mask = random_blocks(4)
     encoder(blocks, mask).square().sum().backward()
     for name, p in encoder.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
+        assert torch.isfinite(p.grad).all(), name  # empty blocks too
+
+
+def test_attention_pooling_is_a_softmax_weighted_mean_of_the_real_tokens():
+    blocks, mask = random_blocks(4, seed=5)
+    encoder = MergeEncoder(HIDDEN, 4, attention_pooling=True)
+    with torch.no_grad():
+        encoder.pool_score.weight.normal_()  # a trained score; the MLP branch stays at zero
+    out = encoder(blocks, mask)
+    for i, j in [(0, 0), (1, 0), (2, 3)]:
+        real = blocks[i, j][mask[i, j]]
+        weights = (real @ encoder.pool_score.weight[0]).softmax(0)
+        torch.testing.assert_close(out[i, j], weights @ real)
+    assert (out - masked_mean(blocks, mask)).abs().max() > 1e-2  # no longer the plain mean
 
 
 @pytest.mark.parametrize("bad", [0, -1, 2.5, "4", True, None])

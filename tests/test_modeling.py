@@ -321,6 +321,7 @@ def assert_same_trained_tensors(loaded, model):
         (1, {}),
         (4, {}),
         (4, {"prepend_bos": True, "block_alignment": "segments", "encoder_input_norm": True}),
+        (4, {"merge_pooling": "attention"}),
     ],
 )
 def test_save_load_round_trip(tiny_model, tiny_base, tokenizer, tmp_path, k, options):

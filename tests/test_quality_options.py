@@ -88,6 +88,13 @@ def test_protected_batch_equals_single(tiny_model, tokenizer, align):
     check_batch_equals_single(model, prompts, answers_for(prompts))
 
 
+def test_attention_pooling_batch_equals_single(tiny_model, tokenizer):
+    model = tiny_model(4, merge_pooling="attention", block_alignment="segments")
+    randomise_trainables(model, seed=8)  # the pooling scores are not zero: weights differ
+    prompts = ragged_prompts(tokenizer, 4) + TREE_PROMPTS[:2]
+    check_batch_equals_single(model, prompts, answers_for(prompts))
+
+
 def test_per_call_protect_spans(tiny_model, tokenizer):
     model = tiny_model(4)
     prompt = "one two three four five six seven eight"

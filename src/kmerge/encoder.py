@@ -3,7 +3,8 @@
 ``output = masked_mean(block) + MLP(concat(block))``. The MLP's last layer starts at zero, so at
 initialisation the encoder is exactly the mean of each block's real tokens ("average init")
 and training learns a correction on top. The MLP reads the block as a concatenation, which,
-unlike the mean, knows the order of the tokens inside the block.
+unlike the mean, knows the order of the tokens inside the block. With attention pooling the
+mean is a learned weighted one, which also starts uniform.
 """
 
 from __future__ import annotations
@@ -37,6 +38,10 @@ class MergeEncoder(nn.Module):
         token_norm: rescale the block mean to the mean norm of the block's tokens. A mean of
             K embeddings keeps only part of a token's norm (0.64-0.77 at K=4 on SmolLM2), so it
             looks like no token the model has seen; the direction is unchanged.
+        attention_pooling: replace the plain mean by a weighted one, each token's weight a
+            softmax over the block of a learned score of its embedding. The score starts at
+            zero, so the weights start uniform and the encoder still starts as the mean; trained,
+            it can let a block's content tokens outweigh its newlines and punctuation.
     """
 
     def __init__(
@@ -47,6 +52,7 @@ class MergeEncoder(nn.Module):
         num_layers: int = 2,
         input_norm: bool = False,
         token_norm: bool = False,
+        attention_pooling: bool = False,
     ) -> None:
         super().__init__()
         self.hidden_size = hidden_size
@@ -55,6 +61,9 @@ class MergeEncoder(nn.Module):
         if num_layers < 1:
             raise KMergeConfigError(f"encoder num_layers must be >= 1, got {num_layers}")
         self.mlp: nn.Sequential | None = None
+        self.pool_score: nn.Linear | None = None
+        if self.k > 1 and attention_pooling:
+            self.pool_score = nn.Linear(hidden_size, 1, bias=False)  # softmax ignores a bias
         if self.k > 1:
             width = mlp_hidden_size or hidden_size
             dims = [self.k * hidden_size] + [width] * (num_layers - 1) + [hidden_size]
@@ -67,11 +76,13 @@ class MergeEncoder(nn.Module):
             self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Average init: zero the residual branch's output layer so the encoder is the mean."""
+        """Average init: zero the residual branch's output layer (and the pooling score) so the
+        encoder is the mean."""
         if self.mlp is not None:
-            last = self.mlp[-1]
-            nn.init.zeros_(last.weight)
-            nn.init.zeros_(last.bias)
+            nn.init.zeros_(self.mlp[-1].weight)
+            nn.init.zeros_(self.mlp[-1].bias)
+        if self.pool_score is not None:
+            nn.init.zeros_(self.pool_score.weight)
 
     def forward(self, blocks: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         if blocks.dim() != 4 or blocks.shape[2] != self.k or blocks.shape[3] != self.hidden_size:
@@ -82,7 +93,11 @@ class MergeEncoder(nn.Module):
         mask = mask.to(blocks.dtype).unsqueeze(-1)  # [B, N, K, 1]
         blocks = blocks * mask  # padding slots become exact zeros, whatever was there
         count = mask.sum(dim=2)  # [B, N, 1]
-        merged = blocks.sum(dim=2) / count.clamp(min=1.0)
+        if self.pool_score is None:
+            merged = blocks.sum(dim=2) / count.clamp(min=1.0)
+        else:  # padding slots get the lowest score: weight 0 (uniform, of zeros, when all are)
+            scores = self.pool_score(blocks).masked_fill(mask == 0, torch.finfo(blocks.dtype).min)
+            merged = (scores.softmax(dim=2) * blocks).sum(dim=2)
         if self.token_norm:
             token_norms = blocks.norm(dim=-1, keepdim=True).sum(dim=2) / count.clamp(min=1.0)
             merged = merged * (token_norms / merged.norm(dim=-1, keepdim=True).clamp(min=1e-6))

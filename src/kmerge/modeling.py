@@ -95,6 +95,11 @@ class KMergeConfig:
         "mean: the paper's average init; token: rescale each block mean to its tokens' mean "
         "norm (the MLP correction comes on top)",
     )
+    merge_pooling: Literal["mean", "attention"] = option(
+        "mean",
+        "mean: every real token of a block weighs the same; attention: learned weights "
+        "(softmax of a score of each token, starting uniform, so still the mean at step 0)",
+    )
     # Protected spans: prompt tokens fed as ordinary tokens, never merged. Both count as
     # positions fed in the measured compression.
     protect_pattern: str | None = option(
@@ -242,6 +247,7 @@ class KMergeModel(nn.Module):
             config.encoder_layers,
             config.encoder_input_norm,
             config.merge_norm == "token",
+            config.merge_pooling == "attention",
         ).to(device=emb.device, dtype=emb.dtype)
 
     # ---------------------------------------------------------------- properties
@@ -570,7 +576,8 @@ class KMergeModel(nn.Module):
                 f"checkpoint {directory}: the saved encoder does not match its config "
                 f"(K={config.k}, "
                 f"encoder_layers={config.encoder_layers}, encoder_hidden_size="
-                f"{config.encoder_hidden_size}, encoder_input_norm={config.encoder_input_norm}): "
+                f"{config.encoder_hidden_size}, encoder_input_norm={config.encoder_input_norm}, "
+                f"merge_pooling={config.merge_pooling}): "
                 f"expected tensors {expected}, found {saved}"
             )
         encoder.load_state_dict(encoder_state)
