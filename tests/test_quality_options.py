@@ -272,7 +272,6 @@ def test_several_k_trains_each_k_and_evaluates_at_each(tiny_model, tmp_path):
         ({"budget_clock": "gpu"}, "budget_clock must be"),
         ({"n_train": 0}, "n_train must be >= 1"),
         ({"reconstruct_share": -0.1}, r"reconstruct_share must be in 0.0..1.0"),
-        ({"reconstruct_share": 1.0}, "reconstruct_share must be below 1"),
     ],
 )
 def test_bad_training_options(overrides, message):
@@ -541,6 +540,22 @@ def test_training_with_reconstruction_steps(tiny_model, tmp_path):
     assert all(math.isfinite(r.get("loss", r.get("reconstruct_loss"))) for r in records)
 
 
-def test_reconstruction_needs_merged_prompts():
-    with pytest.raises(KMergeConfigError, match="reconstruct_share needs K > 1"):
-        TrainConfig(model=KMergeConfig(k=1), reconstruct_share=0.2)
+def test_reconstruction_warmup_comes_first(tiny_model, tmp_path):
+    model = tiny_model(4)
+    calls, forward = [], model.forward
+
+    def spy(prompts, answers, **options):
+        calls.append(all(p.endswith(RECONSTRUCT_INSTRUCTION) for p in prompts))
+        return forward(prompts, answers, **options)
+
+    model.forward = spy
+    train(small_run(tmp_path, steps=8, reconstruct_warmup=0.25), model)
+    assert calls == [True, True] + [False] * 6  # the first quarter of the steps
+
+
+@pytest.mark.parametrize("name", ["reconstruct_share", "reconstruct_warmup"])
+def test_reconstruction_needs_merged_prompts(name):
+    with pytest.raises(KMergeConfigError, match=f"{name} needs K > 1"):
+        TrainConfig(model=KMergeConfig(k=1), **{name: 0.2})
+    with pytest.raises(KMergeConfigError, match=f"{name} must be below 1"):
+        TrainConfig(model=KMergeConfig(k=4), **{name: 1.0})

@@ -148,6 +148,13 @@ class TrainConfig:
         minimum=0.0,
         maximum=1.0,
     )
+    reconstruct_warmup: float = option(
+        0.0,
+        "the first share of the run (of its steps or time budget) trains only reconstruction: "
+        "the model learns to read merged prompts before it learns the task",
+        minimum=0.0,
+        maximum=1.0,
+    )
     seed: int = option(0, "seed of data, initialisation and sampling")
     output_dir: str | None = option(None, "checkpoint, metrics, results")
     progress: bool = option(True, "progress bar")
@@ -193,11 +200,14 @@ class TrainConfig:
                     )
         if self.reconstruct_share == 1.0:
             raise KMergeConfigError("reconstruct_share must be below 1: 1 leaves no task steps")
-        if self.reconstruct_share and self.model.k == 1:
-            raise KMergeConfigError(
-                "reconstruct_share needs K > 1: at K=1 the prompt is not merged, there is "
-                "nothing to reconstruct"
-            )
+        if self.reconstruct_warmup == 1.0:
+            raise KMergeConfigError("reconstruct_warmup must be below 1: 1 leaves no task steps")
+        for name in ("reconstruct_share", "reconstruct_warmup"):
+            if getattr(self, name) and self.model.k == 1:
+                raise KMergeConfigError(
+                    f"{name} needs K > 1: at K=1 the prompt is not merged, there is nothing to "
+                    "reconstruct"
+                )
         if self.resume and self.overwrite:
             raise KMergeConfigError("give resume or overwrite, not both")
         if self.resume and not self.output_dir:
@@ -545,7 +555,7 @@ class _Trainer:
         self.model.train()
         while True:
             started = _clock(cfg.budget_clock)
-            reconstruct = is_reconstruction_step(p.step, cfg.reconstruct_share)
+            reconstruct = self._reconstruct_step()
             loss = self._optimizer_step(batches, stage, reconstruct)
             p.train_seconds += _clock(cfg.budget_clock) - started
             p.step, p.stage_step = p.step + 1, p.stage_step + 1
@@ -571,6 +581,15 @@ class _Trainer:
         if self.accelerator.num_processes > 1:
             spent = self.accelerator.gather(spent)
         return bool(spent.max() >= budget)
+
+    def _reconstruct_step(self) -> bool:
+        """Whether this optimizer step repeats the merged prompt instead of answering: every
+        step of the warm-up share of the run, then ``reconstruct_share`` of the steps."""
+        cfg, p = self.cfg, self.progress
+        total = cfg.steps * len(self.stages)
+        if run_fraction(cfg, p.step, total, p) < cfg.reconstruct_warmup:
+            return True
+        return is_reconstruction_step(p.step, cfg.reconstruct_share)
 
     def _step_k(self) -> int | None:
         """The K of this optimizer step: from k_choices, drawn (seeded by the step, so a resumed
