@@ -5,7 +5,8 @@
 The model (trained with ``--reconstruct-share``) is asked to repeat held-out tree prompts
 (``kmerge.reconstruction``'s instruction, fed raw after the merged prompt) and its greedy
 output is compared with the prompt, tree line by tree line: the whole line, its depth (the
-number of ``+``) and its node name, each right or wrong. It tells apart what merging leaves
+number of ``+``) and its node name, each right or wrong; and the two names the question asks
+about (``question_names``, of two per prompt). It tells apart what merging leaves
 readable to the language model from what it does not.
 """
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 
 import torch
 
@@ -27,6 +29,12 @@ def tree_lines(text: str) -> list[str]:
     if "Tree: " not in text:
         return []
     return text.split("Tree: ", 1)[1].split(", Task", 1)[0].split("\n")
+
+
+def question_names(text: str) -> tuple[str, str] | None:
+    """The (parent, child) a tree prompt (or a model's attempt at one) asks about."""
+    match = re.search(r"Parent: (\S+), Child: (\S+), Answer:", text)
+    return match.groups() if match else None
 
 
 def depth(line: str) -> int:
@@ -50,10 +58,13 @@ def main() -> None:
     )
     with torch.no_grad():
         outputs = model.tokenizer.batch_decode(model.generate_ids(batch, longest + 4))
-    counts = dict.fromkeys(["prompts", "prompts_exact", "lines", "line", "depth", "name"], 0)
+    keys = ["prompts", "prompts_exact", "question_names", "lines", "line", "depth", "name"]
+    counts = dict.fromkeys(keys, 0)
     for example, output in zip(examples, outputs):
         counts["prompts"] += 1
         counts["prompts_exact"] += output.strip() == example.answer
+        asked, said = question_names(example.answer), question_names(output)
+        counts["question_names"] += sum(a == b for a, b in zip(asked, said or ("", "")))
         got = tree_lines(output)
         for i, line in enumerate(tree_lines(example.answer)):
             mine = got[i] if i < len(got) else ""
@@ -64,8 +75,9 @@ def main() -> None:
     for example, output in list(zip(examples, outputs))[: args.show]:
         print(f"prompt: {example.answer!r}\nrepeat: {output.strip()!r}")
     n = counts["lines"]
-    print(json.dumps({"checkpoint": args.checkpoint, **counts,
-                      "share": {key: counts[key] / n for key in ("line", "depth", "name")}}))
+    shares = {key: counts[key] / n for key in ("line", "depth", "name")}
+    shares["question_names"] = counts["question_names"] / (2 * counts["prompts"])
+    print(json.dumps({"checkpoint": args.checkpoint, **counts, "share": shares}))
 
 
 if __name__ == "__main__":
