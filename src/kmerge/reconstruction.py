@@ -7,6 +7,8 @@ the encoder to decode the merged prompt back into its tokens, the other steps tr
 
 A reconstruction example is the task's prompt followed by a short instruction that stays raw
 (protected), so the model can tell the two kinds of step apart; its answer is the prompt itself.
+A ``protect_pattern`` anchored at the prompt's end (the tasks' question patterns end in ``$``)
+does not match a reconstruction prompt, so there the question is merged like the rest.
 """
 
 from __future__ import annotations
