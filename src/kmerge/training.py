@@ -198,11 +198,9 @@ class TrainConfig:
                         f"k_choices: every K must be an integer in 1..{self.model.k} (the "
                         f"model's K), got {k!r}"
                     )
-        if self.reconstruct_share == 1.0:
-            raise KMergeConfigError("reconstruct_share must be below 1: 1 leaves no task steps")
-        if self.reconstruct_warmup == 1.0:
-            raise KMergeConfigError("reconstruct_warmup must be below 1: 1 leaves no task steps")
         for name in ("reconstruct_share", "reconstruct_warmup"):
+            if getattr(self, name) == 1.0:
+                raise KMergeConfigError(f"{name} must be below 1: 1 leaves no task steps")
             if getattr(self, name) and self.model.k == 1:
                 raise KMergeConfigError(
                     f"{name} needs K > 1: at K=1 the prompt is not merged, there is nothing to "
