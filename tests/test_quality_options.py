@@ -201,16 +201,21 @@ def small_run(tmp_path, **overrides) -> TrainConfig:
     return training_run(tmp_path, **settings)
 
 
-def spy_on_k(model) -> list:
-    """The K of every forward call the training loop makes, in order."""
-    seen, forward = [], model.forward
+def spy_on_forward(model) -> list[tuple[list, list, dict]]:
+    """(prompts, answers, options) of every forward call the training loop makes, in order."""
+    calls, forward = [], model.forward
 
-    def spy(prompts, answers, k=None, **options):
-        seen.append(k)
-        return forward(prompts, answers, k=k, **options)
+    def spy(prompts, answers, **options):
+        calls.append((prompts, answers, options))
+        return forward(prompts, answers, **options)
 
     model.forward = spy
-    return seen
+    return calls
+
+
+def ks_of(calls) -> list:
+    """The K of each recorded forward call (None: the model's own)."""
+    return [options.get("k") for _, _, options in calls]
 
 
 @pytest.mark.parametrize("clock", ["wall", "cpu"])
@@ -249,9 +254,9 @@ def test_constant_schedule_keeps_the_lr(tiny_model, tmp_path):
 
 def test_several_k_trains_each_k_and_evaluates_at_each(tiny_model, tmp_path):
     model = tiny_model(4)
-    seen = spy_on_k(model)
+    calls = spy_on_forward(model)
     train(small_run(tmp_path, steps=12, k_choices=[1, 2, 4]), model)
-    assert set(seen) == {1, 2, 4}
+    assert set(ks_of(calls)) == {1, 2, 4}
     reloaded = KMergeModel.from_pretrained(
         tmp_path / "run" / "checkpoint", base=model.lm, tokenizer=model.tokenizer
     )
@@ -407,9 +412,9 @@ def test_balanced_classes_are_equally_frequent_and_deterministic():
 
 def test_k_schedule_walks_the_choices_in_order(tiny_model, tmp_path):
     model = tiny_model(4)
-    seen = spy_on_k(model)
+    calls = spy_on_forward(model)
     train(small_run(tmp_path, steps=9, k_choices=[1, 2, 4], k_order="schedule"), model)
-    assert seen == [1, 1, 1, 2, 2, 2, 4, 4, 4]
+    assert ks_of(calls) == [1, 1, 1, 2, 2, 2, 4, 4, 4]
 
 
 def test_jsonl_rows_can_protect_their_own_spans(tiny_model, tmp_path):
@@ -519,20 +524,14 @@ def test_reconstruction_steps_are_spread_evenly():
 
 def test_training_with_reconstruction_steps(tiny_model, tmp_path):
     model = tiny_model(4)
-    calls, forward = [], model.forward
-
-    def spy(prompts, answers, **options):
-        calls.append((prompts, answers, options.get("protect")))
-        return forward(prompts, answers, **options)
-
-    model.forward = spy
+    calls = spy_on_forward(model)
     result = train(small_run(tmp_path, steps=8, reconstruct_share=0.25), model)
     kinds = [answers == [p.removesuffix(RECONSTRUCT_INSTRUCTION) for p in prompts]
              for prompts, answers, _ in calls]
     assert kinds == [is_reconstruction_step(s, 0.25) for s in range(8)]
-    for (prompts, _, protect), recon in zip(calls, kinds):
+    for (prompts, _, options), recon in zip(calls, kinds):
         assert all(p.endswith(RECONSTRUCT_INSTRUCTION) == recon for p in prompts)
-        assert (protect is not None) == recon  # the instruction is fed raw
+        assert ("protect" in options) == recon  # the instruction is fed raw
     records = [r for r in result.history if "lr" in r]
     assert [("loss" in r, "reconstruct_loss" in r) for r in records] == [
         (not recon, recon) for recon in kinds
@@ -542,15 +541,10 @@ def test_training_with_reconstruction_steps(tiny_model, tmp_path):
 
 def test_reconstruction_warmup_comes_first(tiny_model, tmp_path):
     model = tiny_model(4)
-    calls, forward = [], model.forward
-
-    def spy(prompts, answers, **options):
-        calls.append(all(p.endswith(RECONSTRUCT_INSTRUCTION) for p in prompts))
-        return forward(prompts, answers, **options)
-
-    model.forward = spy
+    calls = spy_on_forward(model)
     train(small_run(tmp_path, steps=8, reconstruct_warmup=0.25), model)
-    assert calls == [True, True] + [False] * 6  # the first quarter of the steps
+    kinds = [all(p.endswith(RECONSTRUCT_INSTRUCTION) for p in prompts) for prompts, _, _ in calls]
+    assert kinds == [True, True] + [False] * 6  # the first quarter of the steps
 
 
 @pytest.mark.parametrize("name", ["reconstruct_share", "reconstruct_warmup"])
