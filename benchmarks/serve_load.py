@@ -28,9 +28,11 @@ from pathlib import Path
 
 import openai
 
-WORDS = ("tree node parent child root leaf branch value key order level depth path edge "
-         "left right first last count sum list name label review product quality price "
-         "delivery colour size fits great poor broken return again small large").split()
+WORDS = (
+    "tree node parent child root leaf branch value key order level depth path edge "
+    "left right first last count sum list name label review product quality price "
+    "delivery colour size fits great poor broken return again small large"
+).split()
 
 
 def make_prompt(tokenizer, n_tokens: int, seed: int) -> str:
@@ -45,9 +47,25 @@ def make_prompt(tokenizer, n_tokens: int, seed: int) -> str:
 
 def start_server(checkpoint: Path, max_batch: int, threads: int, log: Path):
     """`kmerge serve` in its own process; returns it and its base URL (.../v1)."""
-    cmd = [sys.executable, "-m", "kmerge", "serve", str(checkpoint), "--port", "0",
-           "--served-model-name", "bench", "--max-batch-size", str(max_batch),
-           "--max-queue", "256", "--max-tokens-cap", "512", "--threads", str(threads)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "kmerge",
+        "serve",
+        str(checkpoint),
+        "--port",
+        "0",
+        "--served-model-name",
+        "bench",
+        "--max-batch-size",
+        str(max_batch),
+        "--max-queue",
+        "256",
+        "--max-tokens-cap",
+        "512",
+        "--threads",
+        str(threads),
+    ]
     with open(log, "w") as err:
         proc = subprocess.Popen(cmd, stderr=err)
     deadline = time.monotonic() + 300
@@ -71,8 +89,13 @@ async def one_request(client, prompt: str, k: int, max_tokens: int, model: str) 
     t0 = time.perf_counter()
     first, tokens = None, 0
     stream = await client.completions.create(
-        model=model, prompt=prompt, max_tokens=max_tokens, temperature=0, stream=True,
-        extra_body={"k": k, "ignore_eos": True, "return_token_ids": True})
+        model=model,
+        prompt=prompt,
+        max_tokens=max_tokens,
+        temperature=0,
+        stream=True,
+        extra_body={"k": k, "ignore_eos": True, "return_token_ids": True},
+    )
     async for chunk in stream:
         for choice in chunk.choices:
             ids = (choice.model_extra or {}).get("token_ids") or []
@@ -99,7 +122,10 @@ async def run_point(
     await client.close()
     ttfts = sorted(r["ttft"] for r in results)
     return {
-        "k": k, "clients": clients, "requests": len(results), "wall_s": round(wall, 2),
+        "k": k,
+        "clients": clients,
+        "requests": len(results),
+        "wall_s": round(wall, 2),
         "req_per_s": round(len(results) / wall, 4),
         "ttft_p50_s": round(statistics.median(ttfts), 3),
         "ttft_p99_s": round(_quantile(ttfts, 0.99), 3),
@@ -125,8 +151,12 @@ def main() -> None:
     ap.add_argument("--min-requests", type=int, default=4, help="per point, at least")
     ap.add_argument("--threads", type=int, default=2, help="server torch threads")
     ap.add_argument("--batch-compare-ks", default="4", help="K values for batched vs 1-at-a-time")
-    ap.add_argument("--url", default=None, help="measure this running server (.../v1) instead, "
-                    "e.g. kmerge serve --backend vllm; batched points only")
+    ap.add_argument(
+        "--url",
+        default=None,
+        help="measure this running server (.../v1) instead, "
+        "e.g. kmerge serve --backend vllm; batched points only",
+    )
     ap.add_argument("--model", default="bench", help="with --url: its served model name")
     ap.add_argument("--checkpoint", default=None, help="with --url: the checkpoint it serves")
     args = ap.parse_args()
@@ -142,7 +172,8 @@ def main() -> None:
     ks = [int(k) for k in args.ks.split(",")]
     prompts = [make_prompt(tokenizer, args.prompt_tokens, s) for s in range(200)]
     prompt_tokens = statistics.mean(
-        len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts)
+        len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts
+    )
     counter = iter(range(10**6))
 
     def fresh(n: int) -> list[str]:  # distinct prompts for every request
@@ -166,8 +197,7 @@ def main() -> None:
             for c in cs:
                 for k in point_ks:  # K=1 and K=4 alternate at each concurrency: side by side
                     n = max(c, args.min_requests)
-                    point = asyncio.run(run_point(url, fresh(n), k, c, args.max_tokens,
-                                                  args.model))
+                    point = asyncio.run(run_point(url, fresh(n), k, c, args.max_tokens, args.model))
                     point["scheduling"] = label
                     points.append(point)
                     print(json.dumps(point), flush=True)
@@ -192,8 +222,10 @@ def main() -> None:
 
 def goals(points: list[dict], clients: list[int], ks: list[int]) -> dict:
     def get(label, k, c):
-        return next((p for p in points if p["scheduling"] == label and p["k"] == k
-                     and p["clients"] == c), None)
+        return next(
+            (p for p in points if p["scheduling"] == label and p["k"] == k and p["clients"] == c),
+            None,
+        )
 
     out = {}
     main_label = points[0]["scheduling"]
@@ -206,7 +238,8 @@ def goals(points: list[dict], clients: list[int], ks: list[int]) -> dict:
         a, b = get("batched", k, top), get("one_at_a_time", k, top)
         if a and b:
             out[f"batching_throughput_gain_k{k}_at_{top}"] = round(
-                a["output_tokens_per_s"] / b["output_tokens_per_s"], 2)
+                a["output_tokens_per_s"] / b["output_tokens_per_s"], 2
+            )
     return out
 
 
@@ -223,14 +256,25 @@ def plot(points: list[dict], path: Path) -> None:
         rows = [p for p in points if p["k"] == k and p["scheduling"] != "one_at_a_time"]
         cs = [p["clients"] for p in rows]
         axes[0].plot(cs, [p["ttft_p50_s"] for p in rows], "o-", color=color, label=f"K={k}")
-        axes[1].plot(cs, [p["output_tokens_per_s"] for p in rows], "o-", color=color,
-                     label=f"K={k}, batched")
+        axes[1].plot(
+            cs, [p["output_tokens_per_s"] for p in rows], "o-", color=color, label=f"K={k}, batched"
+        )
         for p in points:
             if p["k"] == k and p["scheduling"] == "one_at_a_time":
-                axes[1].plot([p["clients"]], [p["output_tokens_per_s"]], "x", ms=10,
-                             color=color, label=f"K={k}, one at a time")
-    axes[0].set(xscale="log", yscale="log", xlabel="concurrent clients",
-                ylabel="p50 time to first token (s)")
+                axes[1].plot(
+                    [p["clients"]],
+                    [p["output_tokens_per_s"]],
+                    "x",
+                    ms=10,
+                    color=color,
+                    label=f"K={k}, one at a time",
+                )
+    axes[0].set(
+        xscale="log",
+        yscale="log",
+        xlabel="concurrent clients",
+        ylabel="p50 time to first token (s)",
+    )
     axes[1].set(xscale="log", xlabel="concurrent clients", ylabel="output tokens / s")
     for ax in axes:
         ax.legend()

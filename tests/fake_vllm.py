@@ -48,8 +48,12 @@ def fake_vllm_app(model, tokenizer, name: str = "exported") -> FastAPI:
             for i, token in enumerate(out):
                 text = tokenizer.decode(out[: i + 1], skip_special_tokens=True)
                 prev = tokenizer.decode(out[:i], skip_special_tokens=True)
-                choice = {"index": 0, "text": text[len(prev):], "token_ids": [token],
-                          "finish_reason": None}
+                choice = {
+                    "index": 0,
+                    "text": text[len(prev) :],
+                    "token_ids": [token],
+                    "finish_reason": None,
+                }
                 yield f"data: {json.dumps({'choices': [choice]})}\n\n"
             done = {"index": 0, "text": "", "finish_reason": finish}
             yield f"data: {json.dumps({'choices': [done]})}\n\n"

@@ -41,8 +41,11 @@ def test_export_loads_as_plain_model_with_the_same_logits(exported):
     assert not any("lora" in name for name in hf.state_dict())
     kmerge = KMergeModel.from_pretrained(checkpoint).eval()
     batch = kmerge.prepare(PROMPTS, ["positive", "the parent"])
-    inputs = dict(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask,
-                  position_ids=batch.position_ids)
+    inputs = dict(
+        inputs_embeds=batch.inputs_embeds,
+        attention_mask=batch.attention_mask,
+        position_ids=batch.position_ids,
+    )
     with torch.no_grad():
         want = kmerge.lm(**inputs).logits  # LoRA beside the weights, as trained
         got = hf(**inputs).logits
@@ -77,15 +80,24 @@ def test_vllm_backend_sends_prompt_embeds_and_relays_the_answer(exported):
             client = openai.OpenAI(base_url=s.url + "/v1", api_key="-", max_retries=0)
             out_ids = []
             for prompt in PROMPTS:
-                r = client.completions.create(model="m", prompt=prompt, max_tokens=10,
-                                              temperature=0, extra_body={"return_token_ids": True})
+                r = client.completions.create(
+                    model="m",
+                    prompt=prompt,
+                    max_tokens=10,
+                    temperature=0,
+                    extra_body={"return_token_ids": True},
+                )
                 out_ids.append(r.choices[0].model_extra["token_ids"])
-                assert r.usage.model_extra["prompt_positions"] == model.prepare(
-                    [prompt]).positions_fed[0]
-                streamed = client.completions.create(model="m", prompt=prompt, max_tokens=10,
-                                                     temperature=0, stream=True)
-                assert "".join(c.choices[0].text for c in streamed if c.choices) == \
-                    r.choices[0].text
+                assert (
+                    r.usage.model_extra["prompt_positions"]
+                    == model.prepare([prompt]).positions_fed[0]
+                )
+                streamed = client.completions.create(
+                    model="m", prompt=prompt, max_tokens=10, temperature=0, stream=True
+                )
+                assert (
+                    "".join(c.choices[0].text for c in streamed if c.choices) == r.choices[0].text
+                )
             assert_greedy_equivalent(model, PROMPTS, model.generate_ids(PROMPTS, 10), out_ids)
             # What vLLM was sent: the merged prompt, padding stripped, as vLLM reads it.
             sent = fake.state.requests[0]
@@ -94,13 +106,14 @@ def test_vllm_backend_sends_prompt_embeds_and_relays_the_answer(exported):
             assert torch.equal(embeds, batch.inputs_embeds[0])
             assert sent["model"] == "exported" and sent["max_tokens"] == 10
             chat = client.chat.completions.create(
-                model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=4,
-                temperature=0)
+                model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=4, temperature=0
+            )
             assert chat.choices[0].message.content is not None
             assert httpx.get(s.url + "/health").json()["backend"] == "vllm"
     # vLLM gone: a clear 502, not a hang.
-    config = ServeConfig(backend="vllm", vllm_url=vllm.url, vllm_model="exported",
-                         served_model_name="m")
+    config = ServeConfig(
+        backend="vllm", vllm_url=vllm.url, vllm_model="exported", served_model_name="m"
+    )
     with ServerThread(build_app(config, model), config) as s:
         client = openai.OpenAI(base_url=s.url + "/v1", api_key="-", max_retries=0)
         with pytest.raises(openai.APIStatusError) as err:

@@ -23,8 +23,12 @@ PROMPTS = [
 
 @pytest.fixture(scope="module")
 def client():
-    return openai.OpenAI(base_url=URL + "/v1", api_key=os.environ.get("KMERGE_API_KEY", "-"),
-                         max_retries=0, timeout=300)
+    return openai.OpenAI(
+        base_url=URL + "/v1",
+        api_key=os.environ.get("KMERGE_API_KEY", "-"),
+        max_retries=0,
+        timeout=300,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +38,13 @@ def model():
 
 def test_live_completion_matches_generate(client, model):
     for prompt in PROMPTS:
-        out = client.completions.create(model=MODEL, prompt=prompt, max_tokens=12,
-                                        temperature=0, extra_body={"return_token_ids": True})
+        out = client.completions.create(
+            model=MODEL,
+            prompt=prompt,
+            max_tokens=12,
+            temperature=0,
+            extra_body={"return_token_ids": True},
+        )
         choice = out.choices[0]
         want = model.generate_ids([prompt], 12)[0]
         ids = (choice.model_extra or {}).get("token_ids")
@@ -51,12 +60,19 @@ def test_live_stream_and_chat(client):
     streamed = client.completions.create(stream=True, **kwargs)
     assert "".join(c.choices[0].text for c in streamed if c.choices) == whole
     chat = client.chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": "Say hello."}], max_tokens=8,
-        temperature=0)
+        model=MODEL,
+        messages=[{"role": "user", "content": "Say hello."}],
+        max_tokens=8,
+        temperature=0,
+    )
     assert chat.choices[0].message.content
     stream = client.chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": "Say hello."}], max_tokens=8,
-        temperature=0, stream=True)
+        model=MODEL,
+        messages=[{"role": "user", "content": "Say hello."}],
+        max_tokens=8,
+        temperature=0,
+        stream=True,
+    )
     text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
     assert text == chat.choices[0].message.content
 

@@ -526,8 +526,10 @@ def test_training_with_reconstruction_steps(tiny_model, tmp_path):
     model = tiny_model(4)
     calls = spy_on_forward(model)
     result = train(small_run(tmp_path, steps=8, reconstruct_share=0.25), model)
-    kinds = [answers == [p.removesuffix(RECONSTRUCT_INSTRUCTION) for p in prompts]
-             for prompts, answers, _ in calls]
+    kinds = [
+        answers == [p.removesuffix(RECONSTRUCT_INSTRUCTION) for p in prompts]
+        for prompts, answers, _ in calls
+    ]
     assert kinds == [is_reconstruction_step(s, 0.25) for s in range(8)]
     for (prompts, _, options), recon in zip(calls, kinds):
         assert all(p.endswith(RECONSTRUCT_INSTRUCTION) == recon for p in prompts)

@@ -45,8 +45,13 @@ def model(tokenizer):
 
 
 def start(model, **overrides) -> ServerThread:
-    settings = dict(served_model_name=NAME, api_key=KEY, max_tokens_cap=200,
-                    max_body_bytes=20_000, batch_wait_ms=20)
+    settings = dict(
+        served_model_name=NAME,
+        api_key=KEY,
+        max_tokens_cap=200,
+        max_body_bytes=20_000,
+        batch_wait_ms=20,
+    )
     config = ServeConfig(**{**settings, **overrides})
     return ServerThread(build_app(config, model), config)
 
@@ -72,8 +77,13 @@ def greedy_ids(model, prompts, n):
 
 # ------------------------------------------------------------------ answers
 def test_completions_are_generates_greedy_answers(client, model):
-    out = client.completions.create(model=NAME, prompt=PROMPTS, max_tokens=12, temperature=0,
-                                    extra_body={"return_token_ids": True})
+    out = client.completions.create(
+        model=NAME,
+        prompt=PROMPTS,
+        max_tokens=12,
+        temperature=0,
+        extra_body={"return_token_ids": True},
+    )
     assert [c.index for c in out.choices] == [0, 1, 2]
     got = [extra(c, "token_ids") for c in out.choices]
     assert_greedy_equivalent(model, PROMPTS, greedy_ids(model, PROMPTS, 12), got)
@@ -100,19 +110,31 @@ def test_streamed_completion_is_the_same_text(client):
 
 def test_chat_merges_the_templated_conversation(client, model):
     messages = [{"role": "user", "content": "What is the parent of B?"}]
-    prompt = model.tokenizer.apply_chat_template(messages, tokenize=False,
-                                                 add_generation_prompt=True)
-    out = client.chat.completions.create(model=NAME, messages=messages, max_tokens=10,
-                                         temperature=0, extra_body={"return_token_ids": True})
+    prompt = model.tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=True
+    )
+    out = client.chat.completions.create(
+        model=NAME,
+        messages=messages,
+        max_tokens=10,
+        temperature=0,
+        extra_body={"return_token_ids": True},
+    )
     ids = extra(out.choices[0], "token_ids")
     assert_greedy_equivalent(model, prompt, greedy_ids(model, [prompt], 10)[0], ids)
     assert out.choices[0].message.role == "assistant"
     assert out.choices[0].message.content == model.tokenizer.decode(ids, skip_special_tokens=True)
-    assert out.usage.prompt_tokens == len(model.tokenizer(prompt, add_special_tokens=False)
-                                          ["input_ids"])
-    stream = client.chat.completions.create(model=NAME, messages=messages, max_tokens=10,
-                                            temperature=0, stream=True,
-                                            stream_options={"include_usage": True})
+    assert out.usage.prompt_tokens == len(
+        model.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    )
+    stream = client.chat.completions.create(
+        model=NAME,
+        messages=messages,
+        max_tokens=10,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
     chunks = list(stream)
     assert chunks[0].choices[0].delta.role == "assistant"
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
@@ -138,13 +160,15 @@ def test_sampling_settings(client):
 
 
 def test_k_per_request(client, model):
-    out = client.completions.create(model=NAME, prompt=PROMPTS[1], max_tokens=4,
-                                    temperature=0, extra_body={"k": 2})
+    out = client.completions.create(
+        model=NAME, prompt=PROMPTS[1], max_tokens=4, temperature=0, extra_body={"k": 2}
+    )
     assert extra(out.usage, "k") == 2
     assert extra(out.usage, "prompt_positions") == model.prepare([PROMPTS[1]], k=2).positions_fed[0]
     spans = [[0, 4], [20, 40]]  # character spans kept as ordinary tokens
-    kept = client.completions.create(model=NAME, prompt=PROMPTS[1], max_tokens=4,
-                                     temperature=0, extra_body={"protect": spans})
+    kept = client.completions.create(
+        model=NAME, prompt=PROMPTS[1], max_tokens=4, temperature=0, extra_body={"protect": spans}
+    )
     want = model.prepare([PROMPTS[1]], protect=[[(0, 4), (20, 40)]]).positions_fed[0]
     merged_only = model.prepare([PROMPTS[1]]).positions_fed[0]
     assert extra(kept.usage, "prompt_positions") == want > merged_only
@@ -164,8 +188,7 @@ def test_openai_style_errors(client, server):
         client.completions.create(model=NAME, prompt=long_prompt, max_tokens=2)
     assert err.value.code == "context_length_exceeded"
     with pytest.raises(openai.BadRequestError) as err:  # fits alone, not with max_tokens
-        client.completions.create(model=NAME, prompt="alpha beta gamma delta " * 70,
-                                  max_tokens=200)
+        client.completions.create(model=NAME, prompt="alpha beta gamma delta " * 70, max_tokens=200)
     assert err.value.code == "context_length_exceeded"
     with pytest.raises(openai.APIStatusError) as err:
         client.completions.create(model=NAME, prompt="x" * 30_000, max_tokens=2)
@@ -200,8 +223,14 @@ def test_queue_limit_429_and_disconnect_frees_the_slot(model, monkeypatch):
     with start(model, max_queue=1, api_key=None) as s:
         c = openai.OpenAI(base_url=s.url + "/v1", api_key="-", max_retries=0)
         scheduler = s.app.state.backend.scheduler
-        body = {"model": NAME, "prompt": "hello there", "max_tokens": 200, "temperature": 0,
-                "stream": True, "ignore_eos": True}
+        body = {
+            "model": NAME,
+            "prompt": "hello there",
+            "max_tokens": 200,
+            "temperature": 0,
+            "stream": True,
+            "ignore_eos": True,
+        }
         with httpx.stream("POST", s.url + "/v1/completions", json=body, timeout=30) as r:
             assert r.status_code == 200
             lines = r.iter_lines()  # kept: a dropped line iterator closes the response
@@ -226,8 +255,11 @@ def test_models_health_metrics(client, server):
     assert health["status"] == "ok" and health["worker_alive"]
     client.completions.create(model=NAME, prompt=PROMPTS[1], max_tokens=3)
     text = httpx.get(server.url + "/metrics").text
-    values = {line.split()[0]: float(line.split()[1]) for line in text.splitlines()
-              if line and not line.startswith("#")}
+    values = {
+        line.split()[0]: float(line.split()[1])
+        for line in text.splitlines()
+        if line and not line.startswith("#")
+    }
     assert values['kmerge_requests_total{endpoint="/v1/completions",status="200"}'] >= 1
     assert values["kmerge_prompt_tokens_total"] > values["kmerge_positions_fed_total"] > 0
     assert values["kmerge_compression_ratio"] > 1
@@ -243,17 +275,20 @@ def test_bounded_load_no_request_lost_memory_flat(model):
     with start(model, api_key=None, max_queue=64) as s:
 
         async def run() -> tuple[list, int, int]:
-            aclient = openai.AsyncOpenAI(base_url=s.url + "/v1", api_key="-", max_retries=0,
-                                         timeout=60)
+            aclient = openai.AsyncOpenAI(
+                base_url=s.url + "/v1", api_key="-", max_retries=0, timeout=60
+            )
 
             async def one(i: int) -> int:
                 prompt = PROMPTS[i % len(PROMPTS)] + f" #{i}"
                 if i % 2:
                     stream = await aclient.completions.create(
-                        model=NAME, prompt=prompt, max_tokens=8, temperature=0, stream=True)
+                        model=NAME, prompt=prompt, max_tokens=8, temperature=0, stream=True
+                    )
                     return sum([1 async for ch in stream if ch.choices and ch.choices[0].text])
-                out = await aclient.completions.create(model=NAME, prompt=prompt, max_tokens=8,
-                                                       temperature=0.7, seed=i)
+                out = await aclient.completions.create(
+                    model=NAME, prompt=prompt, max_tokens=8, temperature=0.7, seed=i
+                )
                 return out.usage.completion_tokens
 
             async def rounds(n_rounds: int, clients: int = 16) -> list:
@@ -273,8 +308,9 @@ def test_bounded_load_no_request_lost_memory_flat(model):
         results, rss_before, rss_after = asyncio.run(run())
     assert len(results) == 160 and all(n >= 1 for n in results)
     batches = s.app.state.metrics.batch_size
-    assert batches._sum.get() / max(1, sum(b.get() for b in batches._buckets)) > 1.5, \
+    assert batches._sum.get() / max(1, sum(b.get() for b in batches._buckets)) > 1.5, (
         "concurrent requests were never batched"
+    )
     assert rss_after - rss_before < 60 * 2**20, (rss_before, rss_after)
 
 
@@ -284,9 +320,22 @@ def test_cli_serve_drains_on_sigterm(tmp_path, tiny_dir):
     checkpoint = model.save_pretrained(tmp_path / "ckpt")
     env = {**os.environ, "KMERGE_API_KEY": "env-key", "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "kmerge", "serve", str(checkpoint), "--port", "0",
-         "--served-model-name", "m", "--drain-timeout-s", "30"],
-        stderr=subprocess.PIPE, text=True, env=env,
+        [
+            sys.executable,
+            "-m",
+            "kmerge",
+            "serve",
+            str(checkpoint),
+            "--port",
+            "0",
+            "--served-model-name",
+            "m",
+            "--drain-timeout-s",
+            "30",
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
     )
     try:
         line = proc.stderr.readline()
@@ -294,10 +343,16 @@ def test_cli_serve_drains_on_sigterm(tmp_path, tiny_dir):
         url = line.split()[2].rsplit("/v1", 1)[0]
         headers = {"Authorization": "Bearer env-key"}  # the key came from the environment
         assert httpx.get(url + "/v1/models").status_code == 401
-        body = {"model": "m", "prompt": "count with me", "max_tokens": 150, "temperature": 0,
-                "stream": True}
-        with httpx.stream("POST", url + "/v1/completions", json=body, headers=headers,
-                          timeout=60) as r:
+        body = {
+            "model": "m",
+            "prompt": "count with me",
+            "max_tokens": 150,
+            "temperature": 0,
+            "stream": True,
+        }
+        with httpx.stream(
+            "POST", url + "/v1/completions", json=body, headers=headers, timeout=60
+        ) as r:
             lines = r.iter_lines()
             first = next(lines)
             proc.send_signal(signal.SIGTERM)  # mid-stream: the answer must still complete
@@ -318,8 +373,7 @@ def test_shutdown_drains_a_running_stream(model, monkeypatch):
     step = DecodeBatch.step
     monkeypatch.setattr(DecodeBatch, "step", lambda self: (time.sleep(0.01), step(self)))
     s = start(model, api_key=None).__enter__()
-    body = {"model": NAME, "prompt": "hello", "max_tokens": 60, "temperature": 0,
-            "stream": True}
+    body = {"model": NAME, "prompt": "hello", "max_tokens": 60, "temperature": 0, "stream": True}
     try:
         with httpx.stream("POST", s.url + "/v1/completions", json=body, timeout=30) as r:
             lines = r.iter_lines()
@@ -349,7 +403,8 @@ def test_cli_serve_bad_flags_are_one_line(tmp_path, capsys):
         main(["serve", str(tmp_path / "missing"), "--backend", "vllm"])
     assert err.value.code == 2
     assert capsys.readouterr().err.strip().splitlines() == [
-        "kmerge: error: --backend vllm needs --vllm-url (vLLM's OpenAI server)"]
+        "kmerge: error: --backend vllm needs --vllm-url (vLLM's OpenAI server)"
+    ]
     with pytest.raises(SystemExit):
         main(["serve", str(tmp_path / "missing")])
     (line,) = capsys.readouterr().err.strip().splitlines()

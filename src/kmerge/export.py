@@ -44,8 +44,11 @@ def export(checkpoint: str | Path, out: str | Path, overwrite: bool = False) -> 
         extra.mkdir()
         save_file(encoder, extra / ENCODER_FILE, metadata={"k": str(model.k)})
         (extra / CONFIG_FILE).write_text(json.dumps(model.config.to_dict(), indent=2) + "\n")
-        info = {"checkpoint": str(Path(checkpoint).resolve()), "k": model.k,
-                "lora": "folded into the base weights"}
+        info = {
+            "checkpoint": str(Path(checkpoint).resolve()),
+            "k": model.k,
+            "lora": "folded into the base weights",
+        }
         (extra / EXPORT_INFO).write_text(json.dumps(info, indent=2) + "\n")
         if out.exists():
             shutil.rmtree(out)
@@ -63,5 +66,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> None:
     out = export(args.checkpoint, args.out, overwrite=args.overwrite)
-    print(f"wrote {out} (AutoModelForCausalLM.from_pretrained loads it; prompts are merged "
-          f"by {KMERGE_SUBDIR}/encoder.safetensors)")
+    print(
+        f"wrote {out} (AutoModelForCausalLM.from_pretrained loads it; prompts are merged "
+        f"by {KMERGE_SUBDIR}/encoder.safetensors)"
+    )

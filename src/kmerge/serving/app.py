@@ -63,8 +63,11 @@ def create_app(backend: Backend, config: ServeConfig, metrics: ServeMetrics, mod
         if path.startswith("/v1/") and config.api_key and not _authorised(request, config):
             response = await api_error(
                 request,
-                APIError(401, "invalid or missing API key (Authorization: Bearer ...)",
-                         code="invalid_api_key"),
+                APIError(
+                    401,
+                    "invalid or missing API key (Authorization: Bearer ...)",
+                    code="invalid_api_key",
+                ),
             )
         else:
             response = await call_next(request)
@@ -102,8 +105,12 @@ def create_app(backend: Backend, config: ServeConfig, metrics: ServeMetrics, mod
 
     async def _serve(req, prompts: list[str], chat: bool):
         if req.model != model_name:
-            raise APIError(404, f"model {req.model!r} does not exist; this server serves "
-                           f"{model_name!r}", code="model_not_found", param="model")
+            raise APIError(
+                404,
+                f"model {req.model!r} does not exist; this server serves {model_name!r}",
+                code="model_not_found",
+                param="model",
+            )
         if any(not p.strip() for p in prompts):
             raise APIError(400, "every prompt needs text", param="prompt")
         sampling = sampling_of(req, config.default_max_tokens, config.max_tokens_cap)
@@ -179,8 +186,13 @@ def create_app(backend: Backend, config: ServeConfig, metrics: ServeMetrics, mod
         stamp = int(time.time())
 
         def chunk(choices: list[dict], usage: dict | None = None) -> str:
-            data = {"id": rid, "object": obj, "created": stamp, "model": model_name,
-                    "choices": choices}
+            data = {
+                "id": rid,
+                "object": obj,
+                "created": stamp,
+                "model": model_name,
+                "choices": choices,
+            }
             if usage is not None:
                 data["usage"] = usage
             return f"data: {json.dumps(data)}\n\n"
@@ -189,8 +201,15 @@ def create_app(backend: Backend, config: ServeConfig, metrics: ServeMetrics, mod
             done: dict[int, Done] = {}
             try:
                 if chat:
-                    yield chunk([{"index": 0, "delta": {"role": "assistant", "content": ""},
-                                  "finish_reason": None}])
+                    yield chunk(
+                        [
+                            {
+                                "index": 0,
+                                "delta": {"role": "assistant", "content": ""},
+                                "finish_reason": None,
+                            }
+                        ]
+                    )
                 pending = first
                 while True:
                     index, event = pending
@@ -225,8 +244,9 @@ def create_app(backend: Backend, config: ServeConfig, metrics: ServeMetrics, mod
                     for g in gens:
                         g.cancelled.set()
 
-        return StreamingResponse(sse(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache"})
+        return StreamingResponse(
+            sse(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+        )
 
     return app
 
@@ -259,8 +279,9 @@ async def _read(request: Request, config: ServeConfig) -> bytes:
     """The body, refused with 413 as soon as it is known to be too large."""
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > config.max_body_bytes:
-        raise APIError(413, f"request body is {declared} bytes; the limit is "
-                       f"{config.max_body_bytes}")
+        raise APIError(
+            413, f"request body is {declared} bytes; the limit is {config.max_body_bytes}"
+        )
     body = b""
     async for part in request.stream():
         body += part
@@ -278,5 +299,6 @@ def _chat_prompt(tokenizer, req: ChatRequest) -> str:
     try:
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     except Exception as err:  # jinja raises for conversations the template refuses
-        raise APIError(400, f"the chat template refused these messages: {err}",
-                       param="messages") from None
+        raise APIError(
+            400, f"the chat template refused these messages: {err}", param="messages"
+        ) from None

@@ -12,15 +12,20 @@ class ServeMetrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
-            "kmerge_requests", "requests answered, by endpoint and status", ["endpoint", "status"],
+            "kmerge_requests",
+            "requests answered, by endpoint and status",
+            ["endpoint", "status"],
             registry=r,
         )
         self.errors = Counter(
-            "kmerge_request_errors", "requests refused or failed, by error type", ["type"],
+            "kmerge_request_errors",
+            "requests refused or failed, by error type",
+            ["type"],
             registry=r,
         )
         self.cancelled = Counter(
-            "kmerge_requests_cancelled", "requests dropped because their client went away",
+            "kmerge_requests_cancelled",
+            "requests dropped because their client went away",
             registry=r,
         )
         self.prompt_tokens = Counter(
@@ -29,30 +34,37 @@ class ServeMetrics:
         self.positions_fed = Counter(
             "kmerge_positions_fed", "prompt positions fed to the model after merging", registry=r
         )
-        self.generation_tokens = Counter(
-            "kmerge_generation_tokens", "tokens generated", registry=r
-        )
+        self.generation_tokens = Counter("kmerge_generation_tokens", "tokens generated", registry=r)
         self.compression = Gauge(
-            "kmerge_compression_ratio", "prompt tokens / positions fed, over all requests",
+            "kmerge_compression_ratio",
+            "prompt tokens / positions fed, over all requests",
             registry=r,
         )
         self.ttft = Histogram(
-            "kmerge_time_to_first_token_seconds", "from arrival to the first generated token",
-            buckets=_LATENCY_BUCKETS, registry=r,
+            "kmerge_time_to_first_token_seconds",
+            "from arrival to the first generated token",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
         )
         self.latency = Histogram(
-            "kmerge_request_seconds", "from arrival to the last token",
-            buckets=_LATENCY_BUCKETS, registry=r,
+            "kmerge_request_seconds",
+            "from arrival to the last token",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
         )
         self.tokens_per_second = Histogram(
-            "kmerge_tokens_per_second", "generated tokens per second of each request (after "
-            "its first token)", buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000), registry=r,
+            "kmerge_tokens_per_second",
+            "generated tokens per second of each request (after its first token)",
+            buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000),
+            registry=r,
         )
         self.queued = Gauge("kmerge_requests_waiting", "requests waiting for a batch", registry=r)
         self.running = Gauge("kmerge_requests_running", "requests in the running batch", registry=r)
         self.batch_size = Histogram(
-            "kmerge_batch_size", "requests per prefilled batch",
-            buckets=(1, 2, 4, 8, 16, 32, 64), registry=r,
+            "kmerge_batch_size",
+            "requests per prefilled batch",
+            buckets=(1, 2, 4, 8, 16, 32, 64),
+            registry=r,
         )
 
     def record_prompt(self, prompt_tokens: int, positions_fed: int) -> None:

@@ -130,8 +130,15 @@ class Scheduler:
                 bad = getattr(err, "index", None)
                 victims = [requests[bad]] if bad is not None else list(requests)
                 for r in victims:
-                    r.emit(Failed(APIError(400, str(err), code="context_length_exceeded"
-                                           if bad is not None else None)))
+                    r.emit(
+                        Failed(
+                            APIError(
+                                400,
+                                str(err),
+                                code="context_length_exceeded" if bad is not None else None,
+                            )
+                        )
+                    )
                 requests = [r for r in requests if r not in victims]
                 continue
             too_long = [
@@ -143,13 +150,12 @@ class Scheduler:
                 return requests, batch
             for i in too_long:
                 r, n = requests[i], batch.positions_fed[i]
-                r.emit(Failed(APIError(
-                    400,
+                message = (
                     f"the prompt needs {n} positions at K={k} ({batch.prompt_tokens[i]} tokens) "
                     f"+ max_tokens={r.sampling.max_tokens}, over the model's context of "
-                    f"{max_positions}",
-                    code="context_length_exceeded",
-                )))
+                    f"{max_positions}"
+                )
+                r.emit(Failed(APIError(400, message, code="context_length_exceeded")))
             requests = [r for i, r in enumerate(requests) if i not in too_long]
         return [], None
 
@@ -190,10 +196,18 @@ class Scheduler:
                 rest = stream.flush()
                 if rest:
                     r.emit(Delta(rest, []))
-                r.emit(Done(reason, batch.prompt_tokens[row], batch.positions_fed[row],
-                            len(stream.ids), k))
-                self.metrics.record_finish(r.created, r.first_token_at, time.perf_counter(),
-                                           len(stream.ids))
+                r.emit(
+                    Done(
+                        reason,
+                        batch.prompt_tokens[row],
+                        batch.positions_fed[row],
+                        len(stream.ids),
+                        k,
+                    )
+                )
+                self.metrics.record_finish(
+                    r.created, r.first_token_at, time.perf_counter(), len(stream.ids)
+                )
             live = still
             self.metrics.running.set(len(live))
             if not live:

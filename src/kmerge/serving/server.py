@@ -81,8 +81,11 @@ def serve(config: ServeConfig, model=None) -> None:
     sock = bind(config.host, config.port)
     host, port = sock.getsockname()[:2]
     auth = "API key required" if config.api_key else "no API key"
-    print(f"kmerge serve: http://{host}:{port}/v1 ({config.backend} backend, {auth})",
-          file=sys.stderr, flush=True)
+    print(
+        f"kmerge serve: http://{host}:{port}/v1 ({config.backend} backend, {auth})",
+        file=sys.stderr,
+        flush=True,
+    )
     _uvicorn(app, config).run(sockets=[sock])
 
 

@@ -52,7 +52,8 @@ class VLLMBackend:
     def submit(self, request: GenRequest) -> None:
         if len(self.tasks) >= self.max_queue:
             raise APIError(
-                429, f"server busy: {len(self.tasks)} requests in flight (limit {self.max_queue})",
+                429,
+                f"server busy: {len(self.tasks)} requests in flight (limit {self.max_queue})",
                 type="rate_limit_error",
             )
         task = asyncio.ensure_future(self._run(request))
@@ -115,8 +116,7 @@ class VLLMBackend:
         except APIError as err:
             request.emit(Failed(err))
         except (httpx.HTTPError, ValueError, KeyError) as err:
-            request.emit(Failed(APIError(502, f"vLLM at {self.url} failed: {err}",
-                                         "server_error")))
+            request.emit(Failed(APIError(502, f"vLLM at {self.url} failed: {err}", "server_error")))
 
     async def _relay(self, request: GenRequest, body: dict) -> tuple[str, int]:
         reason, tokens = "length", 0
@@ -128,8 +128,11 @@ class VLLMBackend:
                 except (ValueError, KeyError, TypeError):
                     message = text[:500]
                 status = response.status_code if response.status_code < 500 else 502
-                raise APIError(status, f"vLLM: {message}", "invalid_request_error"
-                               if status < 500 else "server_error")
+                raise APIError(
+                    status,
+                    f"vLLM: {message}",
+                    "invalid_request_error" if status < 500 else "server_error",
+                )
             async for line in response.aiter_lines():
                 if request.cancelled.is_set():
                     break  # closing the stream tells vLLM to abort the request
