@@ -6,7 +6,10 @@ Question types (from the tree): ``edge`` (X is Y's parent: the only "true"), ``r
 (Y is X's parent), ``grandparent`` / ``grandchild`` (two levels apart on one branch),
 ``siblings`` (same parent), ``other``; each also split by whether the root is one of the two
 names. Layout: whether the names X and Y each sit whole inside one merged block of the
-prompt's tree part, or are cut across two blocks.
+prompt's tree part, or are cut across two blocks. Spelling: whether the question spells both
+names with the same tokens as the tree does (the root: " FY" after "Tree:" and after
+"Parent:"), shares a token with it for each (" Z" "K" against "Z" "K"), or not for at least one
+(" FY" against "F" "Y").
 """
 
 from __future__ import annotations
@@ -67,6 +70,26 @@ def name_cut(model: KMergeModel, prompt: str, tree: str, name: str) -> bool:
     return len({block_of[t] for t in tokens}) > 1
 
 
+def _name_tokens(model: KMergeModel, prompt: str, start: int, name: str) -> list[int]:
+    """The token ids of the prompt that cover ``name`` at character ``start``."""
+    enc = model.tokenizer(prompt, add_special_tokens=False, return_offsets_mapping=True)
+    chars = range(start, start + len(name))
+    return [
+        t
+        for t, (a, b) in zip(enc["input_ids"], enc["offset_mapping"])
+        if any(a <= c < b for c in chars)
+    ]
+
+
+def spelling(model: KMergeModel, prompt: str, tree: str, name: str) -> str:
+    """'same', 'shared' or 'none': how the question's tokens of ``name`` relate to the tree's."""
+    in_tree = _name_tokens(model, prompt, prompt.index(tree) + tree.index(name), name)
+    in_question = _name_tokens(model, prompt, prompt.rindex(" " + name) + 1, name)
+    if in_tree == in_question:
+        return "same"
+    return "shared" if set(in_tree) & set(in_question) else "none"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint")
@@ -89,6 +112,12 @@ def main() -> None:
         root = meta["tree"].split("\n")[0]
         asked = "with" if root in (meta["parent"], meta["child"]) else "without"
         groups[f"type: {kind}, {asked} the root"].append(hit)
+        spelt = [
+            spelling(model, example.prompt, meta["tree"], n)
+            for n in (meta["parent"], meta["child"])
+        ]
+        spelt_as = "none" if "none" in spelt else "shared" if "shared" in spelt else "same"
+        groups[f"question spells the names: {spelt_as}"].append(hit)
         if model.k > 1:
             cut = any(name_cut(model, example.prompt, meta["tree"], n)
                       for n in (meta["parent"], meta["child"]))  # fmt: skip
