@@ -205,3 +205,44 @@ def test_bad_sweeps_fail_before_any_training(tmp_path, capsys, monkeypatch, extr
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("kmerge: error: ") and message in err and "\n" not in err
+
+
+def test_protect_query_points_keep_the_tasks_question_raw(tiny_dir, tmp_path):
+    from kmerge.pareto import point_train_config
+    from kmerge.tasks.tree import TreeTask
+
+    cfg = SweepConfig(methods=["kmerge_protect_query"], ratios=[4])
+    cfg.train.task = "tree"
+    (point,) = plan(cfg)[0]
+    model = point_train_config(cfg, point).model
+    assert model.protect_pattern == TreeTask.query_pattern
+    assert model.k == 4 and model.block_alignment == "segments"
+    segments = point_train_config(cfg, Point("kmerge_segments", 4, 0)).model
+    assert segments.protect_pattern is None
+
+    # Measured compression counts the raw question: less than the same merge of everything.
+    out = tmp_path / "sweep"
+    methods = "kmerge_segments,kmerge_protect_query"
+    main(sweep_args(tiny_dir, out, "--methods", methods, "--ratios", "4"))
+    points = json.loads((out / "results.json").read_text())["points"]
+    compression = {p["method"]: p["evaluation"]["compression"] for p in points}
+    assert 1.0 < compression["kmerge_protect_query"] < compression["kmerge_segments"]
+
+
+def test_protect_query_on_a_task_without_a_question_fails_before_training(
+    tmp_path, capsys, monkeypatch
+):
+    monkeypatch.setattr(kmerge.pareto, "train", refuse_training)
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"prompt": "a b c", "answer": "x"}\n')
+    with pytest.raises(SystemExit) as exit_info:
+        main(
+            [
+                "pareto", "--base-model", "unused-model", "--task", "jsonl",
+                "--train-file", str(rows), "--eval-file", str(rows),
+                "--methods", "kmerge_protect_query", "--ratios", "2",
+                "--output-dir", str(tmp_path / "s"),
+            ]  # fmt: skip
+        )
+    assert exit_info.value.code == 2
+    assert "task 'jsonl' marks no question to keep raw" in capsys.readouterr().err

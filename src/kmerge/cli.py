@@ -92,14 +92,9 @@ def _protect_pattern(args: argparse.Namespace, task: str | None) -> str | None:
         return pattern
     if pattern:
         raise KMergeConfigError("give --protect-query or --protect-pattern, not both")
-    from kmerge.tasks.base import TASKS
+    from kmerge.tasks.base import query_pattern
 
-    pattern = TASKS.lookup(task or "tree").query_pattern
-    if pattern is None:
-        raise KMergeConfigError(
-            f"task {task!r} marks no question for --protect-query; use --protect-pattern REGEX"
-        )
-    return pattern
+    return query_pattern(task or "tree")
 
 
 def _model_config(args: argparse.Namespace, task: str | None = None):

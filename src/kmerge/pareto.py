@@ -34,6 +34,7 @@ from kmerge.modeling import CONFIG_FILE, KMergeModel
 from kmerge.options import option
 from kmerge.provenance import as_json, differences
 from kmerge.reporting import markdown_table
+from kmerge.tasks.base import query_pattern
 from kmerge.training import TrainConfig, load_data, train
 
 LOWER_IS_BETTER = frozenset({"perplexity"})
@@ -106,14 +107,17 @@ def plan(cfg: SweepConfig) -> tuple[list[Point], dict[str, str]]:
         ratios = list(dict.fromkeys(cfg.ratios)) if cls.takes_ratio else [None]
         for ratio in ratios:
             for seed in dict.fromkeys(cfg.seeds):
-                get_method(method, ratio, seed).model_options()
-                points.append(Point(method, ratio, seed))
+                point = Point(method, ratio, seed)
+                point_train_config(cfg, point)
+                points.append(point)
     return points, skipped
 
 
 def point_train_config(cfg: SweepConfig, point: Point) -> TrainConfig:
     """The template run with this point's method options, seed and run directory."""
     options = get_method(point.method, point.ratio, point.seed).model_options()
+    if METHODS[point.method].protects_query:
+        options["protect_pattern"] = query_pattern(cfg.train.task)
     model = dataclasses.replace(cfg.train.model, **options)
     run_dir = Path(cfg.output_dir) / "runs" / point.key
     # A half-finished point is trained again from the start (run_point), so it writes no

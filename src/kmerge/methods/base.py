@@ -54,6 +54,8 @@ class Method:
     takes_ratio: ClassVar[bool] = True  # False: one point whatever the ratios (full, meta_tokens)
     exact_ratio: ClassVar[bool] = True  # True: ceil(n / ratio) positions per prompt, exactly
     tune_optional: ClassVar[bool] = False  # True: `--no-tune` evaluates it without LoRA-tuning
+    # True: the task's question stays ordinary tokens (its query_pattern; see the sweep).
+    protects_query: ClassVar[bool] = False
 
     def __init__(self, ratio: float | None = None, seed: int = 0) -> None:
         self.check_ratio_for(ratio)

@@ -29,8 +29,19 @@ class KTokenMergingSegments(Method):
     """K-Token Merging with segment-aligned blocks (never across a newline or comma), the
     steadiest layout at equal training time here (docs/quality.md)."""
 
+    exact_ratio = False  # a block ends early at a segment's end: more positions than n / K
+
     def model_options(self) -> dict:
         return {"k": _block_size(self), "block_alignment": "segments"}
+
+
+@register_method("kmerge_protect_query")
+class KTokenMergingProtectQuery(KTokenMergingSegments):
+    """Segment-aligned K-Token Merging of the context only: the task's question (its
+    ``query_pattern``) stays ordinary tokens, as ICAE, xRAG and gist tokens do. Its measured
+    compression counts the raw question."""
+
+    protects_query = True
 
 
 @register_method("mean_pool")

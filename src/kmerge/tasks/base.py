@@ -112,6 +112,18 @@ def task_stages(name: str) -> tuple[str, ...]:
     return cls.stages if cls else ()
 
 
+def query_pattern(name: str) -> str:
+    """The question pattern of task ``name`` (what ``--protect-query`` keeps raw), or a clear
+    error for a task that marks none."""
+    pattern = TASKS.lookup(name).query_pattern
+    if pattern is None:
+        raise KMergeConfigError(
+            f"task {name!r} marks no question to keep raw (no query_pattern); "
+            "use --protect-pattern REGEX"
+        )
+    return pattern
+
+
 def check_stages(name: str, stages: Sequence[str]) -> None:
     """Refuse stages that task ``name`` does not have, in one line naming those it has."""
     known = task_stages(name)
