@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from kmerge.io import atomic_directory, stored_json, write_csv, write_json
-from kmerge.provenance import as_json, differences, machine_info
+from kmerge.provenance import as_json, differences, machine_info, with_defaults
 
 
 def test_write_json_and_csv_leave_only_the_finished_file(tmp_path):
@@ -52,6 +52,17 @@ def test_settings_differences_name_each_leaf():
     now = {"model": {"k": 2, "r": 8}, "steps": 10, "ks": [1, 2], "new": True}
     assert differences(saved, now) == {"model.k": (4, 2), "new": (None, True)}
     assert differences(saved, saved) == {}
+
+
+def test_settings_added_later_count_at_their_default():
+    defaults = {"model": {"k": 1, "pooling": "mean"}, "steps": 300, "share": 0.0}
+    old = {"model": {"k": 4}, "steps": 10}  # written before "pooling" and "share" existed
+    filled = with_defaults(old, defaults)
+    assert filled == {"model": {"k": 4, "pooling": "mean"}, "steps": 10, "share": 0.0}
+    assert old == {"model": {"k": 4}, "steps": 10}  # not modified in place
+    same = {"model": {"k": 4, "pooling": "mean"}, "steps": 10, "share": 0.0}
+    assert differences(filled, same) == {}
+    assert differences(filled, same | {"share": 0.25}) == {"share": (0.0, 0.25)}
 
 
 def test_machine_info_names_the_software_and_the_device():

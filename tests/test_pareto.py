@@ -238,11 +238,37 @@ def test_protect_query_on_a_task_without_a_question_fails_before_training(
     with pytest.raises(SystemExit) as exit_info:
         main(
             [
-                "pareto", "--base-model", "unused-model", "--task", "jsonl",
-                "--train-file", str(rows), "--eval-file", str(rows),
-                "--methods", "kmerge_protect_query", "--ratios", "2",
-                "--output-dir", str(tmp_path / "s"),
+                "pareto",
+                "--base-model",
+                "unused-model",
+                "--task",
+                "jsonl",
+                "--train-file",
+                str(rows),
+                "--eval-file",
+                str(rows),
+                "--methods",
+                "kmerge_protect_query",
+                "--ratios",
+                "2",
+                "--output-dir",
+                str(tmp_path / "s"),
             ]  # fmt: skip
         )
     assert exit_info.value.code == 2
     assert "task 'jsonl' marks no question to keep raw" in capsys.readouterr().err
+
+
+def test_a_point_from_before_a_new_setting_is_reused(tiny_dir, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "sweep"
+    args = sweep_args(tiny_dir, out, "--methods", "kmerge", "--ratios", "2")
+    main(args)
+    path = out / "points" / "kmerge-r2-s0.json"
+    point = json.loads(path.read_text())
+    # As an older kmerge wrote it: without settings that were added later at their default.
+    del point["train_config"]["reconstruct_share"], point["train_config"]["model"]["merge_pooling"]
+    path.write_text(json.dumps(point))
+    monkeypatch.setattr(kmerge.pareto, "train", refuse_training)
+    capsys.readouterr()
+    main(args)
+    assert "kmerge-r2-s0: done before, reused" in capsys.readouterr().out

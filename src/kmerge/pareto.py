@@ -32,7 +32,7 @@ from kmerge.io import write_csv as write_csv_rows
 from kmerge.methods import METHODS, get_method
 from kmerge.modeling import CONFIG_FILE, KMergeModel
 from kmerge.options import option
-from kmerge.provenance import as_json, differences
+from kmerge.provenance import as_json, differences, with_defaults
 from kmerge.reporting import markdown_table
 from kmerge.tasks.base import query_pattern
 from kmerge.training import TrainConfig, load_data, train
@@ -355,7 +355,7 @@ def _settings(train_cfg: TrainConfig) -> dict:
 
 
 def _check_same_settings(then: dict, now: dict, path: Path) -> None:
-    changed = list(differences(then, now))
+    changed = list(differences(with_defaults(then, _settings(TrainConfig())), now))
     if changed:
         raise KMergeConfigError(
             f"{path} was computed with other settings ({', '.join(changed)}); "

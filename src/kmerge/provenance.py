@@ -35,6 +35,18 @@ def as_json(value: object) -> object:
     return json.loads(json.dumps(value))
 
 
+def with_defaults(saved: dict, defaults: dict) -> dict:
+    """``saved`` with the keys it lacks taken from ``defaults`` (nested): a setting added to
+    kmerge after ``saved`` was written ran at its default then, so it is no difference."""
+    out = dict(saved)
+    for key, value in defaults.items():
+        if key not in out:
+            out[key] = value
+        elif isinstance(value, dict) and isinstance(out[key], dict):
+            out[key] = with_defaults(out[key], value)
+    return out
+
+
 def differences(saved: dict, current: dict, prefix: str = "") -> dict[str, tuple]:
     """``{"model.k": (saved value, current value)}`` for every leaf that differs (nested
     dictionaries compared key by key), in key order."""
