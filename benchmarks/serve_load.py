@@ -48,24 +48,10 @@ def make_prompt(tokenizer, n_tokens: int, seed: int) -> str:
 def start_server(checkpoint: Path, max_batch: int, threads: int, log: Path):
     """`kmerge serve` in its own process; returns it and its base URL (.../v1)."""
     cmd = [
-        sys.executable,
-        "-m",
-        "kmerge",
-        "serve",
-        str(checkpoint),
-        "--port",
-        "0",
-        "--served-model-name",
-        "bench",
-        "--max-batch-size",
-        str(max_batch),
-        "--max-queue",
-        "256",
-        "--max-tokens-cap",
-        "512",
-        "--threads",
-        str(threads),
-    ]
+        sys.executable, "-m", "kmerge", "serve", str(checkpoint), "--port", "0",
+        "--served-model-name", "bench", "--max-batch-size", str(max_batch), "--max-queue", "256",
+        "--max-tokens-cap", "512", "--threads", str(threads),
+    ]  # fmt: skip
     with open(log, "w") as err:
         proc = subprocess.Popen(cmd, stderr=err)
     deadline = time.monotonic() + 300

@@ -319,20 +319,12 @@ def test_cli_serve_drains_on_sigterm(tmp_path, tiny_dir):
     model = KMergeModel.from_base(str(tiny_dir), KMergeConfig(k=4))
     checkpoint = model.save_pretrained(tmp_path / "ckpt")
     env = {**os.environ, "KMERGE_API_KEY": "env-key", "OMP_NUM_THREADS": "1"}
+    cmd = [
+        sys.executable, "-m", "kmerge", "serve", str(checkpoint), "--port", "0",
+        "--served-model-name", "m", "--drain-timeout-s", "30",
+    ]  # fmt: skip
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "kmerge",
-            "serve",
-            str(checkpoint),
-            "--port",
-            "0",
-            "--served-model-name",
-            "m",
-            "--drain-timeout-s",
-            "30",
-        ],
+        cmd,
         stderr=subprocess.PIPE,
         text=True,
         env=env,
