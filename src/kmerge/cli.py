@@ -16,7 +16,15 @@ import sys
 from pathlib import Path
 
 from kmerge.errors import KMergeConfigError, KMergeError
-from kmerge.options import add_options, check_requirements, comma_list, flag, given
+from kmerge.options import (
+    add_options,
+    check_requirements,
+    check_values,
+    comma_list,
+    flag,
+    given,
+    option,
+)
 
 PROTECT_FIELDS = ("protect_pattern", "protect_last", "protect_surprising")
 # What each subcommand takes of TrainConfig: the data to read (eval) and the sweep's budget.
@@ -213,13 +221,37 @@ def _write_json(path: Path, payload: dict) -> None:
     write_json(path, payload)
 
 
-def _check_counts(args: argparse.Namespace, minimum: dict[str, int]) -> None:
-    """Refuse a count option below its minimum (an option left unset, None, is fine)."""
-    for name, least in minimum.items():
-        value = getattr(args, name, None)
-        if value is not None and value < least:
-            option = "--" + name.replace("_", "-")
-            raise KMergeConfigError(f"{option} must be >= {least}, got {value}")
+GENERATE_TOKENS = 32  # `kmerge generate`'s default; eval's is the longest reference answer + 1
+SAMPLING = ("do_sample", "temperature", "top_p")  # generate's flags only
+
+
+@dataclasses.dataclass
+class DecodeConfig:
+    """How `kmerge eval` and `kmerge generate` decode; the model's own settings come from the
+    checkpoint (or the model flags)."""
+
+    max_new_tokens: int | None = option(None, "tokens to generate per prompt", minimum=1)
+    generate_n: int | None = option(
+        None, "generate for the first N examples only (default: the task's)", minimum=0
+    )
+    reference_perplexity: float | None = option(
+        None, "the uncompressed model's perplexity, for P-LF1 on perplexity", positive=True
+    )
+    do_sample: bool = option(False, "sample instead of greedy decoding")
+    temperature: float = option(1.0, "sampling temperature", requires="do_sample", positive=True)
+    top_p: float = option(
+        1.0, "the nucleus's probability mass", requires="do_sample", positive=True, maximum=1
+    )
+
+    def __post_init__(self) -> None:
+        check_values(self)
+
+
+def _decode_config(args: argparse.Namespace) -> DecodeConfig:
+    values = given(args, DecodeConfig)
+    decode = DecodeConfig(**values)
+    check_requirements(decode, values)
+    return decode
 
 
 def _load(args: argparse.Namespace):
@@ -248,7 +280,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from kmerge.tasks import build_task
     from kmerge.tasks.base import fit_prompts
 
-    _check_counts(args, {"batch_size": 1, "n_eval": 1, "max_new_tokens": 1, "generate_n": 0})
+    decode = _decode_config(args)
     if args.output and Path(args.output).is_dir():
         raise KMergeConfigError(f"--output {args.output} is a directory, not a file to write")
     data = _train_config(args, model_flags=False)
@@ -262,9 +294,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
         examples,
         task,
         batch_size=data.batch_size,
-        max_new_tokens=args.max_new_tokens,
-        generate_n=args.generate_n,
-        reference_perplexity=args.reference_perplexity,
+        max_new_tokens=decode.max_new_tokens,
+        generate_n=decode.generate_n,
+        reference_perplexity=decode.reference_perplexity,
         k=getattr(args, "k", None) if args.checkpoint else None,
     )
     predictions = result.pop("predictions")
@@ -285,17 +317,18 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    _check_counts(args, {"max_new_tokens": 1})
+    decode = _decode_config(args)
     model = _load(args)
     prompts = args.prompt or [line.rstrip("\n") for line in sys.stdin if line.strip()]
     kwargs = {}
-    if args.do_sample:
-        kwargs = {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p}
+    if decode.do_sample:
+        kwargs = {"do_sample": True, "temperature": decode.temperature, "top_p": decode.top_p}
     k = getattr(args, "k", None) if args.checkpoint else None
     size = _train_config(args, model_flags=False).batch_size
     for start in range(0, len(prompts), size):
         batch = prompts[start : start + size]
-        for text in model.generate(batch, max_new_tokens=args.max_new_tokens, k=k, **kwargs):
+        tokens = decode.max_new_tokens or GENERATE_TOKENS
+        for text in model.generate(batch, max_new_tokens=tokens, k=k, **kwargs):
             print(text, flush=True)
 
 
@@ -368,32 +401,14 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "eval":
             _add_data_args(p)
             p.add_argument("--output", default=None, help="write results + predictions as JSON")
-            p.add_argument(
-                "--generate-n",
-                type=int,
-                default=None,
-                help="generate for the first N examples only (default: the task's)",
-            )
-            p.add_argument(
-                "--max-new-tokens",
-                type=int,
-                default=None,
-                help="default: the longest reference answer + 1",
-            )
-            p.add_argument(
-                "--reference-perplexity",
-                type=float,
-                default=None,
-                help="the uncompressed model's perplexity, for P-LF1 on perplexity",
-            )
+            longest = {"max_new_tokens": "tokens to generate (default: the longest reference + 1)"}
+            add_options(p, DecodeConfig, skip=SAMPLING, help=longest)
         else:
             p.add_argument(
                 "--prompt", action="append", help="prompt (repeatable; default: stdin lines)"
             )
-            p.add_argument("--max-new-tokens", type=int, default=32)
-            p.add_argument("--do-sample", action="store_true")
-            p.add_argument("--temperature", type=float, default=1.0)
-            p.add_argument("--top-p", type=float, default=1.0)
+            default = {"max_new_tokens": f"tokens to generate (default: {GENERATE_TOKENS})"}
+            add_options(p, DecodeConfig, only=("max_new_tokens", *SAMPLING), help=default)
         p.set_defaults(func=func)
 
     p = sub.add_parser("demo", help="K=4 vs uncompressed K=1 on the embedded model (CPU)")
