@@ -325,9 +325,9 @@ def cmd_generate(args: argparse.Namespace) -> None:
         kwargs = {"do_sample": True, "temperature": decode.temperature, "top_p": decode.top_p}
     k = getattr(args, "k", None) if args.checkpoint else None
     size = _train_config(args, model_flags=False).batch_size
+    tokens = decode.max_new_tokens or GENERATE_TOKENS
     for start in range(0, len(prompts), size):
         batch = prompts[start : start + size]
-        tokens = decode.max_new_tokens or GENERATE_TOKENS
         for text in model.generate(batch, max_new_tokens=tokens, k=k, **kwargs):
             print(text, flush=True)
 
