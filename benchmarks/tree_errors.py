@@ -49,14 +49,17 @@ def question_type(tree: str, x: str, y: str) -> str:
     return "other"
 
 
+def covering_tokens(model: KMergeModel, prompt: str, start: int, name: str) -> list[int]:
+    """Positions of the prompt's tokens that cover ``name`` at character ``start``."""
+    enc = model.tokenizer(prompt, add_special_tokens=False, return_offsets_mapping=True)
+    chars = range(start, start + len(name))
+    return [t for t, (a, b) in enumerate(enc["offset_mapping"]) if any(a <= c < b for c in chars)]
+
+
 def name_cut(model: KMergeModel, prompt: str, tree: str, name: str) -> bool:
     """True when the first occurrence of ``name`` in the tree is split across two blocks."""
-    tok = model.tokenizer
-    enc = tok(prompt, add_special_tokens=False, return_offsets_mapping=True)
-    ids, offsets = enc["input_ids"], enc["offset_mapping"]
-    start = prompt.index(tree) + tree.index(name)
-    chars = range(start, start + len(name))
-    tokens = [t for t, (a, b) in enumerate(offsets) if any(a <= c < b for c in chars)]
+    ids = model.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    tokens = covering_tokens(model, prompt, prompt.index(tree) + tree.index(name), name)
     starts = model._segment_starts([ids])
     protected = model.protected_flags([prompt], [ids], None)
     spans = prompt_layout(
@@ -70,21 +73,13 @@ def name_cut(model: KMergeModel, prompt: str, tree: str, name: str) -> bool:
     return len({block_of[t] for t in tokens}) > 1
 
 
-def _name_tokens(model: KMergeModel, prompt: str, start: int, name: str) -> list[int]:
-    """The token ids of the prompt that cover ``name`` at character ``start``."""
-    enc = model.tokenizer(prompt, add_special_tokens=False, return_offsets_mapping=True)
-    chars = range(start, start + len(name))
-    return [
-        t
-        for t, (a, b) in zip(enc["input_ids"], enc["offset_mapping"])
-        if any(a <= c < b for c in chars)
-    ]
-
-
 def spelling(model: KMergeModel, prompt: str, tree: str, name: str) -> str:
     """'same', 'shared' or 'none': how the question's tokens of ``name`` relate to the tree's."""
-    in_tree = _name_tokens(model, prompt, prompt.index(tree) + tree.index(name), name)
-    in_question = _name_tokens(model, prompt, prompt.rindex(" " + name) + 1, name)
+    ids = model.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    in_tree, in_question = (
+        [ids[t] for t in covering_tokens(model, prompt, start, name)]
+        for start in (prompt.index(tree) + tree.index(name), prompt.rindex(" " + name) + 1)
+    )
     if in_tree == in_question:
         return "same"
     return "shared" if set(in_tree) & set(in_question) else "none"
