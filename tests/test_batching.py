@@ -222,6 +222,29 @@ def test_compress_batch_prefix_tokens():
     torch.testing.assert_close(batch.inputs_embeds[1], expected1)
 
 
+@pytest.mark.parametrize("prefix", [(), (9,)])
+def test_compress_batch_block_ends_and_prompt_columns(prefix):
+    """Each fed prompt position knows the last prompt token it covers, and prompt_columns
+    finds it in the left-padded sequence, prefix skipped (what prompt distillation aligns)."""
+    embed = embedding()
+    prompts, answers = [[1, 2, 3, 4, 5], [6, 7]], [[8], [9, 10]]
+    protected = [[False, False, True, False, False], [False, False]]
+    batch = compress_batch(
+        embed, MergeEncoder(4, 2), prompts, answers, pad_id=P, prefix_ids=prefix,
+        protected=protected,
+    )  # fmt: skip
+    # example 0: blocks [1, 2], raw 3, [4, 5]; example 1: one block [6, 7]
+    assert batch.block_ends == [[1, 2, 4], [1]]
+    rows, cols = batch.prompt_columns([[0, 1, 2], [0]])
+    with torch.no_grad():
+        e = embed.weight
+        expected = torch.stack([(e[1] + e[2]) / 2, e[3], (e[4] + e[5]) / 2, (e[6] + e[7]) / 2])
+    torch.testing.assert_close(batch.inputs_embeds[rows, cols], expected)
+    assert rows.tolist() == [0, 0, 0, 1]
+    # example 1 is 1 + 2 long against 3 + 1: one padding column (and the prefix) before it
+    assert cols.tolist()[-1] == 1 + len(prefix)
+
+
 def test_compress_batch_without_answers():
     """Prompts only (generation): no labels, and the sequence is just the blocks."""
     batch = compress_batch(embedding(), MergeEncoder(4, 4), [[1] * 9, [2] * 3], pad_id=P)

@@ -322,9 +322,11 @@ def test_distillation_is_zero_when_student_is_the_teacher_at_k1(
         source = "base"  # a fresh LoRA is exactly zero: the student is the base model
     prompts = TREE_PROMPTS[:3]
     answers = ["true", "false", "true"]
-    result = Distiller(student, source, kl_weight=2.0, hidden_weight=1.0)(student, prompts, answers)
+    distiller = Distiller(student, source, kl_weight=2.0, hidden_weight=1.0, prompt_weight=1.0)
+    result = distiller(student, prompts, answers)
     assert result.kl == pytest.approx(0.0, abs=1e-5)
     assert result.hidden == pytest.approx(0.0, abs=1e-4)
+    assert result.prompt_hidden == pytest.approx(0.0, abs=1e-4)
     torch.testing.assert_close(result.loss, result.output.loss, rtol=0, atol=1e-4)
 
 
@@ -341,10 +343,52 @@ def test_distillation_penalises_a_compressed_student(tiny_model):
     assert student.encoder.mlp[-1].weight.grad.abs().sum() > 0
 
 
+def test_prompt_distillation_matches_each_block_to_its_last_token(tiny_model):
+    """The prompt term compares merged position j with the teacher at its block's last token:
+    computed by hand from the two models' hidden states, it is what the Distiller reports,
+    and its gradient reaches the encoder alone (no answer terms)."""
+    from kmerge.distillation import Distiller, normalised_distance
+
+    student = tiny_model(4, block_alignment="segments")
+    randomise_trainables(student, seed=4)
+    prompts, answers = TREE_PROMPTS[:3], ["true", "false", "true"]
+    distiller = Distiller(student, "base", kl_weight=0.0, prompt_weight=1.0)
+    result = distiller(student, prompts, answers)
+    assert result.prompt_hidden > 1e-3 and result.kl == 0.0 and result.hidden == 0.0
+    result.loss.backward()
+    assert student.encoder.mlp[-1].weight.grad.abs().sum() > 0
+    with torch.no_grad():
+        own, teacher = [], []
+        for prompt, answer in zip(prompts, answers):  # one by one: no padding involved
+            batch = student.prepare([prompt], [answer])
+            ends = batch.block_ends[0]
+            inner = list(range(1, len(ends) - 1))
+            own.append(student.answer_states(batch, prompt_positions=[inner]).prompt_hidden)
+            with student.peft_model.disable_adapter():
+                plain = student.prepare([prompt], [answer], k=1)
+                at_ends = [[ends[j] for j in inner]]
+                teacher.append(student.answer_states(plain, prompt_positions=at_ends).prompt_hidden)
+        expected = normalised_distance(
+            [torch.cat(layer) for layer in zip(*own)], [torch.cat(layer) for layer in zip(*teacher)]
+        )
+    assert result.prompt_hidden == pytest.approx(float(expected), rel=1e-4)
+
+
+def test_prompt_distillation_refuses_a_teacher_that_tokenises_otherwise(tiny_model, tmp_path):
+    from kmerge.distillation import Distiller
+
+    teacher = tiny_model(1, prompt_compressor="random_drop", compression_ratio=2.0)
+    student = tiny_model(4)
+    distiller = Distiller(student, teacher, kl_weight=0.0, prompt_weight=1.0)
+    with pytest.raises(KMergeConfigError, match="prompt has .* tokens, the teacher's"):
+        distiller(student, TREE_PROMPTS[:2], ["true", "false"])
+
+
 def test_training_with_a_teacher_logs_its_cost(tiny_model, tmp_path):
-    result = train(small_run(tmp_path, teacher="base", distill_hidden_weight=1.0), tiny_model(4))
-    logged = [r for r in result.history if "loss" in r]
+    cfg = small_run(tmp_path, teacher="base", distill_hidden_weight=1.0, distill_prompt_weight=1.0)
+    logged = [r for r in train(cfg, tiny_model(4)).history if "loss" in r]
     assert len(logged) == 6 and all(r["teacher_seconds"] > 0 for r in logged)
+    assert all(r["distill_prompt"] > 0 and r["distill_hidden"] > 0 for r in logged)
 
 
 def test_cached_teacher_gives_the_same_loss_and_is_not_run_again(tiny_model):

@@ -41,6 +41,22 @@ class CompressedBatch:
     prompt_tokens: list[int]  # tokens in each prompt before merging
     positions_fed: list[int]  # prompt positions actually fed (blocks + raw + prefix tokens)
     raw_positions: list[int] | None = None  # of those, protected tokens fed unmerged
+    # Where each example's prompt positions are: the column of its first one (after any
+    # prefix), and for each fed prompt position the index of the last prompt token it covers.
+    prompt_starts: list[int] | None = None
+    block_ends: list[list[int]] | None = None
+
+    def prompt_columns(
+        self, positions: Sequence[Sequence[int]]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rows, columns) in the fed sequence of the given prompt positions of each example
+        (0 = its first prompt position after any prefix), for indexing ``[B, T, ...]`` tensors."""
+        rows = [i for i, row in enumerate(positions) for _ in row]
+        cols = [self.prompt_starts[i] + j for i, row in enumerate(positions) for j in row]
+        device = self.inputs_embeds.device
+        return torch.tensor(rows, dtype=torch.long, device=device), torch.tensor(
+            cols, dtype=torch.long, device=device
+        )
 
 
 def tokenize_prompts(tokenizer, prompts: Sequence[str]) -> list[list[int]]:
@@ -285,8 +301,11 @@ def compress_batch(
         if flat_answers
         else None
     )
-    if spread_positions:  # a block's id is its last token's index: block sizes summed
-        block_ends = block_mask.sum(dim=-1).cumsum(dim=-1).sub(1).to(device) + len(prefix_ids)
+    # The last prompt token each block covers: block sizes summed.
+    block_ends = block_mask.sum(dim=-1).cumsum(dim=-1).sub(1)
+    n_prefix = len(prefix_ids)
+    if spread_positions:  # a block's position id is its last token's index
+        spread_ids = block_ends.to(device) + n_prefix
     offset = 0
     for i, (n, answer) in enumerate(zip(n_blocks, answer_ids)):
         start = seq_len - lengths[i]  # left padding
@@ -298,9 +317,8 @@ def compress_batch(
         inputs_embeds[i, start:] = torch.cat(rows, dim=0)
         attention_mask[i, start:] = 1
         if spread_positions:
-            n_prefix, n_prompt = len(prefix_ids), len(prompt_ids[i])
-            ids = [torch.arange(n_prefix, device=device), block_ends[i, : n - n_prefix]]
-            ids.append(n_prefix + n_prompt + torch.arange(len(answer), device=device))
+            ids = [torch.arange(n_prefix, device=device), spread_ids[i, : n - n_prefix]]
+            ids.append(n_prefix + len(prompt_ids[i]) + torch.arange(len(answer), device=device))
             position_ids[i, start:] = torch.cat(ids)
         else:
             position_ids[i, start:] = torch.arange(lengths[i], device=device)
@@ -312,4 +330,6 @@ def compress_batch(
         prompt_tokens=list(prompt_tokens or [len(p) for p in prompt_ids]),
         positions_fed=n_blocks,
         raw_positions=raw_positions,
+        prompt_starts=[seq_len - length + n_prefix for length in lengths],
+        block_ends=[ends[: n - n_prefix] for ends, n in zip(block_ends.tolist(), n_blocks)],
     )

@@ -8,7 +8,13 @@ cross-entropy (xRAG, arXiv 2405.13792):
 - ``kl_weight`` x KL(teacher || student) of the next-token distributions at temperature T
   (scaled by T^2, Hinton et al.);
 - ``hidden_weight`` x the mean over decoder layers of |h_s - h_t|_1 / |h_t|_1 at those positions
-  (Deep Context Distillation, arXiv 2503.08727).
+  (Deep Context Distillation, arXiv 2503.08727);
+- ``prompt_weight`` x the same distance inside the prompt: each merged position against the
+  teacher's state at the last token of its block, where a causal model has read the block.
+  A dense signal (every block, every layer) that asks merged positions to carry what the plain
+  prompt's tokens carry, so that the layers above read them as they read tokens. The first
+  prompt position (where models park attention) and the last (it predicts the answer) are
+  left out.
 
 With ``cache`` the teacher's outputs are kept per (prompt, answer), in float16 on the CPU, so
 a training set seen several times (``--n-train``) pays for each teacher forward once. Memory:
@@ -17,6 +23,7 @@ examples x answer tokens x (vocab + layers x hidden) x 2 bytes.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -32,10 +39,24 @@ from kmerge.modeling import KMergeModel, KMergeOutput
 class TeacherStates:
     logits: torch.Tensor  # [answer tokens, vocab]
     hidden: list[torch.Tensor] | None  # per decoder layer: [answer tokens, H]
+    prompt_hidden: list[torch.Tensor] | None = None  # per decoder layer: [prompt tokens, H]
 
     def to(self, dtype: torch.dtype, device: torch.device | str) -> TeacherStates:
-        hidden = [h.to(device, dtype) for h in self.hidden] if self.hidden is not None else None
-        return TeacherStates(self.logits.to(device, dtype), hidden)
+        def move(states: list[torch.Tensor] | None) -> list[torch.Tensor] | None:
+            return [h.to(device, dtype) for h in states] if states is not None else None
+
+        return TeacherStates(
+            self.logits.to(device, dtype), move(self.hidden), move(self.prompt_hidden)
+        )
+
+
+def normalised_distance(student: list[torch.Tensor], teacher: list[torch.Tensor]) -> torch.Tensor:
+    """Mean over layers of the mean over positions of |h_s - h_t|_1 / |h_t|_1."""
+    per_layer = [
+        ((s - t).abs().sum(-1) / t.abs().sum(-1).clamp(min=1e-6)).mean()
+        for s, t in zip(student, teacher)
+    ]
+    return torch.stack(per_layer).mean()
 
 
 @dataclass
@@ -45,6 +66,7 @@ class DistillResult:
     kl: float
     hidden: float
     teacher_seconds: float
+    prompt_hidden: float = 0.0
 
 
 class Distiller:
@@ -62,12 +84,14 @@ class Distiller:
         temperature: float = 1.0,
         hidden_weight: float = 0.0,
         cache: bool = False,
+        prompt_weight: float = 0.0,
     ) -> None:
         if temperature <= 0:
             raise KMergeConfigError(f"distillation temperature must be > 0, got {temperature}")
-        if kl_weight < 0 or hidden_weight < 0:
+        if kl_weight < 0 or hidden_weight < 0 or prompt_weight < 0:
             raise KMergeConfigError("distillation weights must be >= 0")
         self.kl_weight, self.temperature, self.hidden_weight = kl_weight, temperature, hidden_weight
+        self.prompt_weight = prompt_weight
         self.model: KMergeModel | None = None
         # (prompt, answer) -> the teacher's logits and hidden states at its answer positions
         self.cache: dict[tuple[str, str], TeacherStates] | None = {} if cache else None
@@ -85,26 +109,37 @@ class Distiller:
     def _teacher_forward(
         self, student: KMergeModel, prompts: Sequence[str], answers: Sequence[str]
     ) -> list[TeacherStates]:
-        """The teacher's states at each example's answer positions, one entry per example."""
+        """The teacher's states at each example's answer positions (and, with a prompt weight,
+        at every prompt token), one entry per example."""
         layers = self.hidden_weight > 0
-        with torch.no_grad():
-            if self.model is not None:
-                states = self.model.answer_states(self.model.prepare(prompts, answers, k=1), layers)
-            else:
-                with student.peft_model.disable_adapter():
-                    states = student.answer_states(student.prepare(prompts, answers, k=1), layers)
+        model = self.model if self.model is not None else student
+        with torch.no_grad(), contextlib.ExitStack() as stack:
+            if self.model is None:
+                stack.enter_context(student.peft_model.disable_adapter())
+            batch = model.prepare(prompts, answers, k=1)
+            every_token = [range(len(ends)) for ends in batch.block_ends]
+            states = model.answer_states(batch, layers, every_token if self.prompt_weight else None)
         counts = states.output.answer_tokens.tolist()
         logits = states.logits.split(counts)
         hidden = [h.split(counts) for h in states.hidden] if layers else None
+        prompt = None
+        if self.prompt_weight:
+            prompt = [
+                h.split([len(ends) for ends in batch.block_ends]) for h in states.prompt_hidden
+            ]
         return [
-            TeacherStates(logits[i], [h[i] for h in hidden] if hidden else None)
+            TeacherStates(
+                logits[i],
+                [h[i] for h in hidden] if hidden else None,
+                [h[i] for h in prompt] if prompt else None,
+            )
             for i in range(len(counts))
         ]
 
     def _teacher_states(
         self, student: KMergeModel, prompts: Sequence[str], answers: Sequence[str]
-    ) -> TeacherStates:
-        """The teacher's states for the batch, in batch order (from the cache where it has
+    ) -> list[TeacherStates]:
+        """The teacher's states per example, in batch order (from the cache where it has
         them: one forward for the examples it has not seen)."""
         if self.cache is None:
             per_example = self._teacher_forward(student, prompts, answers)
@@ -120,10 +155,7 @@ class Distiller:
                     self.cache[keys[i]] = states.to(torch.float16, "cpu")
             device = student.device
             per_example = [self.cache[key].to(torch.float32, device) for key in keys]
-        hidden = None
-        if per_example[0].hidden is not None:
-            hidden = [torch.cat(layer) for layer in zip(*(s.hidden for s in per_example))]
-        return TeacherStates(torch.cat([s.logits for s in per_example]), hidden)
+        return per_example
 
     def __call__(
         self,
@@ -134,12 +166,30 @@ class Distiller:
         protect: Sequence[Sequence[tuple[int, int]]] | None = None,
     ) -> DistillResult:
         started = time.perf_counter()
-        teacher = self._teacher_states(student, prompts, answers)
+        per_example = self._teacher_states(student, prompts, answers)
         teacher_seconds = time.perf_counter() - started
         batch = student.prepare(prompts, answers, k=k, protect=protect)
-        own = student.answer_states(batch, self.hidden_weight > 0)
+        positions = self._aligned_positions(batch, per_example) if self.prompt_weight else None
+        own = student.answer_states(batch, self.hidden_weight > 0, positions)
         loss = own.output.loss
-        kl = hidden = torch.zeros((), device=loss.device)
+        kl = hidden = prompt = torch.zeros((), device=loss.device)
+        if self.prompt_weight and any(positions):
+            # the teacher's state at the last token of each aligned block
+            targets = [
+                torch.cat(
+                    [t.prompt_hidden[layer][[batch.block_ends[i][j] for j in row]]
+                     for i, (t, row) in enumerate(zip(per_example, positions))]
+                )
+                for layer in range(len(own.prompt_hidden))
+            ]  # fmt: skip
+            prompt = normalised_distance(own.prompt_hidden, targets)
+            loss = loss + self.prompt_weight * prompt
+        teacher = TeacherStates(
+            torch.cat([s.logits for s in per_example]),
+            [torch.cat(layer) for layer in zip(*(s.hidden for s in per_example))]
+            if self.hidden_weight
+            else None,
+        )
         if self.kl_weight:
             t = self.temperature
             kl = F.kl_div(
@@ -150,12 +200,22 @@ class Distiller:
             ) * (t * t)
             loss = loss + self.kl_weight * kl
         if self.hidden_weight:
-            per_layer = [
-                (s - h).abs().sum(-1) / h.abs().sum(-1).clamp(min=1e-6)
-                for s, h in zip(own.hidden, teacher.hidden)
-            ]
-            hidden = torch.stack([d.mean() for d in per_layer]).mean()
+            hidden = normalised_distance(own.hidden, teacher.hidden)
             loss = loss + self.hidden_weight * hidden
         return DistillResult(
-            own.output, loss, float(kl.detach()), float(hidden.detach()), teacher_seconds
-        )
+            own.output, loss, float(kl.detach()), float(hidden.detach()), teacher_seconds,
+            float(prompt.detach()),
+        )  # fmt: skip
+
+    @staticmethod
+    def _aligned_positions(batch, per_example: list[TeacherStates]) -> list[list[int]]:
+        """Per example, the prompt positions whose states are matched to the teacher's: all
+        but the first and the last (see the module's docstring)."""
+        for i, (ends, teacher) in enumerate(zip(batch.block_ends, per_example)):
+            if ends[-1] + 1 != len(teacher.prompt_hidden[0]):
+                raise KMergeConfigError(
+                    f"example {i}: the student's prompt has {ends[-1] + 1} tokens, the "
+                    f"teacher's {len(teacher.prompt_hidden[0])}: they must tokenise alike "
+                    "(same tokenizer, no prompt compressor)"
+                )
+        return [list(range(1, len(ends) - 1)) for ends in batch.block_ends]

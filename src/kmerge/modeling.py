@@ -176,6 +176,8 @@ class AnswerStates:
     output: KMergeOutput
     logits: torch.Tensor  # [n answer tokens, vocab]
     hidden: list[torch.Tensor] | None  # per decoder layer: [n answer tokens, H]
+    # per decoder layer: [n chosen prompt positions, H] (answer_states' prompt_positions)
+    prompt_hidden: list[torch.Tensor] | None = None
 
 
 def base_fingerprint(model: PreTrainedModel) -> dict:
@@ -411,9 +413,16 @@ class KMergeModel(nn.Module):
     def loss(self, batch: CompressedBatch) -> KMergeOutput:
         return self.answer_states(batch).output
 
-    def answer_states(self, batch: CompressedBatch, layers: bool = False) -> AnswerStates:
+    def answer_states(
+        self,
+        batch: CompressedBatch,
+        layers: bool = False,
+        prompt_positions: Sequence[Sequence[int]] | None = None,
+    ) -> AnswerStates:
         """Logits (and with ``layers`` every decoder layer's hidden state) at the positions
-        that predict answer tokens, in batch order, with the loss over them."""
+        that predict answer tokens, in batch order, with the loss over them.
+        ``prompt_positions``: per example, fed prompt positions (0 = the first after any
+        prefix) whose hidden states at every decoder layer to return too, in that order."""
         if batch.labels is None:
             raise KMergeConfigError("loss needs answers: the batch has no labels")
         out = self.lm.get_decoder()(
@@ -421,7 +430,7 @@ class KMergeModel(nn.Module):
             attention_mask=batch.attention_mask,
             position_ids=batch.position_ids,
             use_cache=False,
-            output_hidden_states=layers,
+            output_hidden_states=layers or prompt_positions is not None,
         )
         # Position t predicts token t + 1: apply the LM head only where t + 1 is an answer token
         # (with whatever scaling or soft-capping the base model's forward puts after its head).
@@ -435,8 +444,12 @@ class KMergeModel(nn.Module):
             0, rows, token_losses
         ) / counts.clamp(min=1)
         hidden = [h[:, :-1][where] for h in out.hidden_states[1:]] if layers else None
+        prompt_hidden = None
+        if prompt_positions is not None:
+            rows, cols = batch.prompt_columns(prompt_positions)
+            prompt_hidden = [h[rows, cols] for h in out.hidden_states[1:]]
         output = KMergeOutput(token_losses.mean(), per_example, counts)
-        return AnswerStates(output, logits, hidden)
+        return AnswerStates(output, logits, hidden, prompt_hidden)
 
     # ---------------------------------------------------------------- generation
     @torch.no_grad()

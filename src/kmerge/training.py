@@ -134,6 +134,12 @@ class TrainConfig:
     distill_hidden_weight: float = option(
         0.0, "weight of the per-layer hidden-state distance to the teacher", requires="teacher"
     )
+    distill_prompt_weight: float = option(
+        0.0,
+        "weight of the hidden-state distance inside the prompt: each merged position against the "
+        "teacher's state at its block's last token (every layer)",
+        requires="teacher",
+    )
     distill_cache: bool = option(
         False,
         "keep the teacher's outputs per training example (float16, CPU memory): for a training "
@@ -385,7 +391,7 @@ def train(cfg: TrainConfig, model: KMergeModel | None = None) -> TrainResult:
             raise KMergeConfigError("distillation (teacher) runs in one process only")
         distiller = Distiller(
             model, cfg.teacher, cfg.distill_kl_weight, cfg.distill_temperature,
-            cfg.distill_hidden_weight, cfg.distill_cache,
+            cfg.distill_hidden_weight, cfg.distill_cache, cfg.distill_prompt_weight,
         )  # fmt: skip
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     store_model_as_adapter(accelerator)
@@ -500,6 +506,7 @@ class _Trainer:
         self.metrics_file = None
         self.bar = None
         self.distiller = None
+        self.last_distill: dict[str, float] | None = None
         self.preloaded: dict[int, TaskData] = {}  # stage index -> data loaded before the run
 
     def elapsed(self) -> float:
@@ -507,6 +514,7 @@ class _Trainer:
 
     def _teacher_record(self) -> dict:
         record = {"teacher_seconds": self.progress.teacher_seconds}
+        record.update(self.last_distill or {})  # the last step's terms, before their weights
         if self.distiller.cache is not None:
             record["teacher_cache_hits"] = self.distiller.cache_hits
         return record
@@ -649,6 +657,10 @@ class _Trainer:
                         model = acc.unwrap_model(self.model)
                         result = self.distiller(model, prompts, answers, k, protect)
                         self.progress.teacher_seconds += result.teacher_seconds
+                        self.last_distill = {  # floats only: no autograd graph kept
+                            "distill_kl": result.kl, "distill_hidden": result.hidden,
+                            "distill_prompt": result.prompt_hidden,
+                        }  # fmt: skip
                         total = result.loss
                     else:
                         options = {"k": k} if k else {}
