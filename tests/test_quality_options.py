@@ -343,17 +343,26 @@ def test_distillation_penalises_a_compressed_student(tiny_model):
     assert student.encoder.mlp[-1].weight.grad.abs().sum() > 0
 
 
-def test_prompt_distillation_matches_each_block_to_its_last_token(tiny_model):
-    """The prompt term compares merged position j with the teacher at its block's last token:
-    computed by hand from the two models' hidden states, it is what the Distiller reports,
-    and its gradient reaches the encoder alone (no answer terms)."""
+@pytest.mark.parametrize("layers", [0, 1])
+def test_prompt_distillation_matches_each_block_to_its_last_token(tiny_model, layers):
+    """The prompt term compares merged position j with the teacher at its block's last token
+    (over every layer, or the first ``layers``, for which the teacher runs only those): computed
+    by hand from the two models' hidden states, it is what the Distiller reports, and its
+    gradient reaches the encoder alone (no answer terms)."""
     from kmerge.distillation import Distiller, normalised_distance
 
-    student = tiny_model(4, block_alignment="segments")
+    # three layers: with layers=1 the teacher runs two of them (one more than it matches)
+    student = tiny_model(4, block_alignment="segments", base_overrides={"num_hidden_layers": 3})
     randomise_trainables(student, seed=4)
+    n_layers = len(student.lm.get_decoder().layers)
+    if layers:  # the teacher's forward stops early
+        calls = []
+        student.lm.get_decoder().layers[2].register_forward_hook(lambda *a: calls.append(1))
     prompts, answers = TREE_PROMPTS[:3], ["true", "false", "true"]
-    distiller = Distiller(student, "base", kl_weight=0.0, prompt_weight=1.0)
+    distiller = Distiller(student, "base", kl_weight=0.0, prompt_weight=1.0, prompt_layers=layers)
     result = distiller(student, prompts, answers)
+    assert len(student.lm.get_decoder().layers) == n_layers  # the teacher's cut is undone
+    assert not layers or len(calls) == 1  # the student's forward alone ran the third layer
     assert result.prompt_hidden > 1e-3 and result.kl == 0.0 and result.hidden == 0.0
     result.loss.backward()
     assert student.encoder.mlp[-1].weight.grad.abs().sum() > 0
@@ -368,8 +377,10 @@ def test_prompt_distillation_matches_each_block_to_its_last_token(tiny_model):
                 plain = student.prepare([prompt], [answer], k=1)
                 at_ends = [[ends[j] for j in inner]]
                 teacher.append(student.answer_states(plain, prompt_positions=at_ends).prompt_hidden)
+        keep = layers or n_layers
         expected = normalised_distance(
-            [torch.cat(layer) for layer in zip(*own)], [torch.cat(layer) for layer in zip(*teacher)]
+            [torch.cat(layer) for layer in zip(*own)][:keep],
+            [torch.cat(layer) for layer in zip(*teacher)][:keep],
         )
     assert result.prompt_hidden == pytest.approx(float(expected), rel=1e-4)
 

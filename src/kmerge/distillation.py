@@ -14,7 +14,9 @@ cross-entropy (xRAG, arXiv 2405.13792):
   A dense signal (every block, every layer) that asks merged positions to carry what the plain
   prompt's tokens carry, so that the layers above read them as they read tokens. The first
   prompt position (where models park attention) and the last (it predicts the answer) are
-  left out.
+  left out. ``prompt_layers`` = N matches only the first N decoder layers (the layers that
+  turn what a position holds into what the layers above read); with no answer terms the
+  teacher then runs only those N layers.
 
 With ``cache`` the teacher's outputs are kept per (prompt, answer), in float16 on the CPU, so
 a training set seen several times (``--n-train``) pays for each teacher forward once. Memory:
@@ -33,6 +35,7 @@ import torch.nn.functional as F
 
 from kmerge.errors import KMergeConfigError
 from kmerge.modeling import KMergeModel, KMergeOutput
+from kmerge.models import first_decoder_layers
 
 
 @dataclass
@@ -57,6 +60,10 @@ def normalised_distance(student: list[torch.Tensor], teacher: list[torch.Tensor]
         for s, t in zip(student, teacher)
     ]
     return torch.stack(per_layer).mean()
+
+
+def _decoder_depth(lm) -> int:
+    return int(lm.config.get_text_config().num_hidden_layers)
 
 
 @dataclass
@@ -85,6 +92,7 @@ class Distiller:
         hidden_weight: float = 0.0,
         cache: bool = False,
         prompt_weight: float = 0.0,
+        prompt_layers: int = 0,
     ) -> None:
         if temperature <= 0:
             raise KMergeConfigError(f"distillation temperature must be > 0, got {temperature}")
@@ -92,6 +100,9 @@ class Distiller:
             raise KMergeConfigError("distillation weights must be >= 0")
         self.kl_weight, self.temperature, self.hidden_weight = kl_weight, temperature, hidden_weight
         self.prompt_weight = prompt_weight
+        if prompt_layers < 0:
+            raise KMergeConfigError(f"prompt_layers must be >= 0 (0: all), got {prompt_layers}")
+        self.prompt_layers = prompt_layers or None  # None: every layer
         self.model: KMergeModel | None = None
         # (prompt, answer) -> the teacher's logits and hidden states at its answer positions
         self.cache: dict[tuple[str, str], TeacherStates] | None = {} if cache else None
@@ -116,6 +127,11 @@ class Distiller:
         with torch.no_grad(), contextlib.ExitStack() as stack:
             if self.model is None:
                 stack.enter_context(student.peft_model.disable_adapter())
+            if self.prompt_layers and not (self.kl_weight or layers):  # the rest is unused
+                # one layer more than matched: the decoder's last hidden state comes normed
+                cut = self.prompt_layers + 1
+                if cut <= _decoder_depth(model.lm):
+                    stack.enter_context(first_decoder_layers(model.lm, cut))
             batch = model.prepare(prompts, answers, k=1)
             every_token = [range(len(ends)) for ends in batch.block_ends]
             states = model.answer_states(batch, layers, every_token if self.prompt_weight else None)
@@ -125,7 +141,8 @@ class Distiller:
         prompt = None
         if self.prompt_weight:
             prompt = [
-                h.split([len(ends) for ends in batch.block_ends]) for h in states.prompt_hidden
+                h.split([len(ends) for ends in batch.block_ends])
+                for h in states.prompt_hidden[: self.prompt_layers]
             ]
         return [
             TeacherStates(
@@ -180,9 +197,9 @@ class Distiller:
                     [t.prompt_hidden[layer][[batch.block_ends[i][j] for j in row]]
                      for i, (t, row) in enumerate(zip(per_example, positions))]
                 )
-                for layer in range(len(own.prompt_hidden))
+                for layer in range(len(per_example[0].prompt_hidden))
             ]  # fmt: skip
-            prompt = normalised_distance(own.prompt_hidden, targets)
+            prompt = normalised_distance(own.prompt_hidden[: len(targets)], targets)
             loss = loss + self.prompt_weight * prompt
         teacher = TeacherStates(
             torch.cat([s.logits for s in per_example]),

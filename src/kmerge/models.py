@@ -8,13 +8,16 @@ safetensors so later loads take a second instead of half a minute. Any other nam
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import inspect
 import os
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from torch import nn
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -182,6 +185,27 @@ def lm_logits(lm: PreTrainedModel, hidden: torch.Tensor) -> torch.Tensor:
     if cap is not None:
         logits = torch.tanh(logits / cap) * cap
     return logits
+
+
+@contextlib.contextmanager
+def first_decoder_layers(lm: PreTrainedModel, n: int) -> Iterator[None]:
+    """Inside the block the decoder runs only its first ``n`` layers (``decoder.layers``), for
+    callers that need only their hidden states: the layers above are not computed. What comes
+    out of the decoder's final norm and the LM head is then meaningless; do not use it."""
+    decoder = lm.get_decoder()
+    layers = getattr(decoder, "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise KMergeConfigError(
+            f"{type(decoder).__name__} keeps no decoder.layers list: it cannot run only its "
+            "first layers"
+        )
+    if not 1 <= n <= len(layers):
+        raise KMergeConfigError(f"the decoder has {len(layers)} layers, cannot run the first {n}")
+    decoder.layers = layers[:n]
+    try:
+        yield
+    finally:
+        decoder.layers = layers
 
 
 #: Token ids of the probe :func:`check_causal_lm` feeds (taken modulo the vocabulary size).

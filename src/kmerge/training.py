@@ -140,6 +140,13 @@ class TrainConfig:
         "teacher's state at its block's last token (every layer)",
         requires="teacher",
     )
+    distill_prompt_layers: int = option(
+        0,
+        "match only the first N decoder layers inside the prompt (0: all); the teacher then "
+        "runs only those layers",
+        minimum=0,
+        requires="distill_prompt_weight",
+    )
     distill_cache: bool = option(
         False,
         "keep the teacher's outputs per training example (float16, CPU memory): for a training "
@@ -392,6 +399,7 @@ def train(cfg: TrainConfig, model: KMergeModel | None = None) -> TrainResult:
         distiller = Distiller(
             model, cfg.teacher, cfg.distill_kl_weight, cfg.distill_temperature,
             cfg.distill_hidden_weight, cfg.distill_cache, cfg.distill_prompt_weight,
+            cfg.distill_prompt_layers,
         )  # fmt: skip
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     store_model_as_adapter(accelerator)
