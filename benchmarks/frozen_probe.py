@@ -71,7 +71,9 @@ def main() -> None:
     parser.add_argument("--max-prompt-tokens", type=int, default=None)
     parser.add_argument("--k", type=int, default=4)
     parser.add_argument("--block-alignment", default="segments")
+    parser.add_argument("--merge-norm", default="mean", choices=["mean", "token"])
     parser.add_argument("--checkpoint", default=None, help="a kmerge checkpoint instead of base")
+    parser.add_argument("--only-merged", action="store_true", help="skip the plain (K=1) pass")
     parser.add_argument("--n-train", type=int, default=768)
     parser.add_argument("--n-test", type=int, default=384)
     parser.add_argument("--layers", default="0,4,8,15,22,30")
@@ -84,7 +86,9 @@ def main() -> None:
         model = KMergeModel.from_pretrained(args.checkpoint).merge_lora()
     else:
         base, tokenizer = load_base_model(KMergeConfig().base_model)
-        config = KMergeConfig(k=args.k, block_alignment=args.block_alignment)
+        config = KMergeConfig(
+            k=args.k, block_alignment=args.block_alignment, merge_norm=args.merge_norm
+        )
         model = KMergeModel.from_base(base, config, tokenizer=tokenizer)
     model.eval()
     data = load_data(cfg, model.tokenizer)
@@ -93,8 +97,9 @@ def main() -> None:
     y_te = torch.tensor([choices.index(e.answer) for e in data.held_out])
     layers = [int(x) for x in args.layers.split(",")]
     result: dict = {"task": args.task, "k": model.k, "n_train": len(y_tr), "n_test": len(y_te),
-                    "checkpoint": args.checkpoint, "macro_f1": {}}  # fmt: skip
-    for k in (1, model.k):
+                    "checkpoint": args.checkpoint, "merge_norm": model.config.merge_norm,
+                    "macro_f1": {}}  # fmt: skip
+    for k in (model.k,) if args.only_merged else (1, model.k):
         tr = features(model, [e.prompt for e in data.train], k, layers, args.batch_size)
         te = features(model, [e.prompt for e in data.held_out], k, layers, args.batch_size)
         for layer, where in tr:

@@ -174,7 +174,7 @@ def test_values_inside_the_declared_ranges_pass():
         (BenchConfig, {"warmup": -1}, "warmup must be >= 0"),
         (ServeConfig, {"checkpoint": "x", "port": -1}, r"port must be in 0\.\.65535"),
         (ServeConfig, {"checkpoint": "x", "batch_wait_ms": -1.0}, "batch_wait_ms must be >= 0"),
-        (KMergeConfig, {"merge_norm": "l2"}, "merge_norm must be 'mean' or 'token'"),
+        (KMergeConfig, {"merge_norm": "l2"}, "merge_norm must be 'mean', 'token' or 'centered'"),
     ],
 )
 def test_every_config_checks_its_declared_ranges(cls, values, message):

@@ -170,6 +170,36 @@ def test_token_norm_merge_keeps_direction_and_token_norm(tiny_model, tokenizer):
     assert merged.norm() > mean.norm() * 1.05  # a mean of different tokens is shorter
 
 
+def test_centered_merge_scales_the_deviation_from_the_table_mean(
+    tiny_model, tiny_base, tokenizer, tmp_path
+):
+    """c + sqrt(n) (mean - c) with c the embedding table's mean, for a full block of 4 and a
+    partial block of 2; a one-token block stays its token; batched == one by one; a saved
+    model (c is rebuilt from the base, not stored) merges alike after loading."""
+    model = tiny_model(4, merge_norm="centered")
+    table = model.lm.get_input_embeddings().weight
+    ids = tokenizer("alpha beta gamma delta epsilon zeta", add_special_tokens=False)["input_ids"]
+    for n in (4, 2, 1):
+        prompt = tokenizer.decode(ids[:n])
+        with torch.no_grad():
+            tokens = table[torch.tensor(ids[:n])]
+            merged = model.prepare([prompt]).inputs_embeds[0, 0]
+            center = table.mean(dim=0)
+        expected = center + (tokens.mean(dim=0) - center) * math.sqrt(n)
+        torch.testing.assert_close(merged, expected, rtol=1e-5, atol=1e-5)
+    randomise_trainables(model, seed=3)
+    check_batch_equals_single(model, TREE_PROMPTS[:4], answers_for(TREE_PROMPTS[:4]))
+    model.save_pretrained(tmp_path / "centered")
+    loaded = KMergeModel.from_pretrained(
+        tmp_path / "centered", base=tiny_base(), tokenizer=tokenizer
+    )
+    with torch.no_grad():
+        torch.testing.assert_close(
+            loaded.prepare(TREE_PROMPTS[:2]).inputs_embeds,
+            model.prepare(TREE_PROMPTS[:2]).inputs_embeds,
+        )
+
+
 # ------------------------------------------------------------------ fresh tree stream
 def test_fresh_tree_stream_is_deterministic_and_never_yields_a_test_tree(tokenizer):
     cfg = TrainConfig(model=KMergeConfig(k=4), stage="small", steps=40, batch_size=8, n_eval=64)

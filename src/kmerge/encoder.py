@@ -38,6 +38,10 @@ class MergeEncoder(nn.Module):
         token_norm: rescale the block mean to the mean norm of the block's tokens. A mean of
             K embeddings keeps only part of a token's norm (0.64-0.77 at K=4 on SmolLM2), so it
             looks like no token the model has seen; the direction is unchanged.
+        center: with a vector c (the mean of the embedding table), ``c + sqrt(n) (mean - c)`` for
+            a block of n real tokens. A mean of n unrelated tokens keeps their shared direction
+            c and shrinks what tells them apart by about sqrt(n); this scales that part back to
+            a single token's size (a one-token block is unchanged).
         attention_pooling: replace the plain mean by a weighted one, each token's weight a
             softmax over the block of a learned score of its embedding. The score starts at
             zero, so the weights start uniform and the encoder still starts as the mean; trained,
@@ -53,10 +57,15 @@ class MergeEncoder(nn.Module):
         input_norm: bool = False,
         token_norm: bool = False,
         attention_pooling: bool = False,
+        center: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
         self.hidden_size = hidden_size
         self.token_norm = token_norm
+        if token_norm and center is not None:
+            raise KMergeConfigError("token_norm and center are two different rescalings: one")
+        # Not saved: rebuilt from the base model's embedding table, like the base weights.
+        self.register_buffer("center", center, persistent=False)
         self.k = check_k(k)
         if num_layers < 1:
             raise KMergeConfigError(f"encoder num_layers must be >= 1, got {num_layers}")
@@ -101,6 +110,8 @@ class MergeEncoder(nn.Module):
         if self.token_norm:
             token_norms = blocks.norm(dim=-1, keepdim=True).sum(dim=2) / count.clamp(min=1.0)
             merged = merged * (token_norms / merged.norm(dim=-1, keepdim=True).clamp(min=1e-6))
+        if self.center is not None:
+            merged = self.center + (merged - self.center) * count.clamp(min=1.0).sqrt()
         if self.mlp is not None:
             merged = merged + self.mlp(blocks.flatten(2))
         # A block with no real token is padding: make it exactly zero (it is masked anyway).

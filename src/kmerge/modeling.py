@@ -90,10 +90,11 @@ class KMergeConfig:
     )
     compressor_seed: int = option(0, "the prompt compressor's seed", requires="prompt_compressor")
     freeze_encoder: bool = option(False, "keep the encoder at its init, the exact block mean")
-    merge_norm: Literal["mean", "token"] = option(
+    merge_norm: Literal["mean", "token", "centered"] = option(
         "mean",
         "mean: the paper's average init; token: rescale each block mean to its tokens' mean "
-        "norm (the MLP correction comes on top)",
+        "norm; centered: scale its deviation from the embedding table's mean by sqrt(tokens) "
+        "(the MLP correction comes on top)",
     )
     merge_pooling: Literal["mean", "attention"] = option(
         "mean",
@@ -250,6 +251,7 @@ class KMergeModel(nn.Module):
             config.encoder_input_norm,
             config.merge_norm == "token",
             config.merge_pooling == "attention",
+            emb.detach().float().mean(dim=0) if config.merge_norm == "centered" else None,
         ).to(device=emb.device, dtype=emb.dtype)
 
     # ---------------------------------------------------------------- properties
