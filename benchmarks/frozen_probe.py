@@ -71,7 +71,7 @@ def main() -> None:
     parser.add_argument("--max-prompt-tokens", type=int, default=None)
     parser.add_argument("--k", type=int, default=4)
     parser.add_argument("--block-alignment", default="segments")
-    parser.add_argument("--merge-norm", default="mean", choices=["mean", "token"])
+    parser.add_argument("--merge-norm", default="mean", choices=["mean", "token", "centered"])
     parser.add_argument("--checkpoint", default=None, help="a kmerge checkpoint instead of base")
     parser.add_argument("--only-merged", action="store_true", help="skip the plain (K=1) pass")
     parser.add_argument("--n-train", type=int, default=768)
