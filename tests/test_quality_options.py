@@ -260,6 +260,13 @@ def test_time_budget_stops_the_run(tiny_model, tmp_path, clock):
     assert result.final_eval is not None  # the stop still evaluates
 
 
+def test_time_budget_progress_bar_counts_the_budget_not_the_steps(tiny_model, tmp_path, capsys):
+    train(small_run(tmp_path, steps=10_000, time_budget=0.5, progress=True), tiny_model(4))
+    bar = capsys.readouterr().err
+    assert "/0 s [" in bar or "/1 s [" in bar  # the budget of 0.5 s, shown in whole seconds
+    assert "10000" not in bar  # not the step limit the budget stops short of
+
+
 def test_lr_schedule_follows_the_time_budget():
     from kmerge.training import Progress, _lr_factor
 

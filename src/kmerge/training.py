@@ -50,6 +50,11 @@ from kmerge.reconstruction import is_reconstruction_step, reconstruction_example
 from kmerge.tasks import Example, Task, build_task, check_stages, task_stages
 from kmerge.tasks.base import example_protect_spans, fit_prompts, name_example
 
+# The progress bar of a time-budgeted run: seconds of the budget spent.
+_TIME_BAR = (
+    "{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f} s [{elapsed}<{remaining}{postfix}]"
+)
+
 
 @dataclass
 class TrainConfig:
@@ -544,11 +549,16 @@ class _Trainer:
                 path = self.out_dir / METRICS_FILE
                 atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in self.history))
                 self.metrics_file = stack.enter_context(path.open("a"))
+            # A time budget stops the run: the bar counts its seconds, not --steps, so that its
+            # rate and remaining time say when the run ends.
+            budget = cfg.time_budget
             self.bar = stack.enter_context(
                 tqdm(
-                    total=cfg.steps * len(self.stages),
-                    initial=self.progress.step,
+                    total=budget if budget else cfg.steps * len(self.stages),
+                    initial=self.progress.train_seconds if budget else self.progress.step,
+                    unit="s" if budget else "it",
                     desc=f"train K={cfg.model.k}",
+                    bar_format=_TIME_BAR if budget else None,
                     disable=not (cfg.progress and acc.is_main_process),
                 )
             )
@@ -571,9 +581,10 @@ class _Trainer:
             started = _clock(cfg.budget_clock)
             reconstruct = self._reconstruct_step()
             loss = self._optimizer_step(batches, stage, reconstruct)
-            p.train_seconds += _clock(cfg.budget_clock) - started
+            spent = _clock(cfg.budget_clock) - started
+            p.train_seconds += spent
             p.step, p.stage_step = p.step + 1, p.stage_step + 1
-            self.bar.update(1)
+            self.bar.update(spent if cfg.time_budget else 1)
             (p.reconstruct_window if reconstruct else p.window).append(loss)
             self._log_loss(stage)
             done = p.stage_step == cfg.steps or self._out_of_time()
