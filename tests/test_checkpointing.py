@@ -15,8 +15,12 @@ import pytest
 import torch
 
 from kmerge.checkpointing import (
+    MARKER_FILE,
     MODEL_DIR,
+    STATE_FILE,
     TrainingInterrupted,
+    _write_marker,
+    checkpoints_dir,
     complete_checkpoints,
     latest_checkpoint,
     read_history,
@@ -143,6 +147,23 @@ def test_resume_refuses_checkpoints_of_another_run(tiny_model, tiny_dir, tmp_pat
         f"kmerge: error: --resume: no complete checkpoint in {tmp_path}/nothing/checkpoints "
         "to continue from"
     )
+
+
+def test_resume_takes_settings_an_older_checkpoint_lacks_as_their_defaults(tiny_model, tmp_path):
+    """A checkpoint written before a setting existed ran at that setting's default: resuming it
+    with the default is allowed, with another value refused, naming the setting."""
+    cfg = small_run(tmp_path, steps=2, save_every=1)
+    train(cfg, model=tiny_model(4))
+    for checkpoint in complete_checkpoints(checkpoints_dir(tmp_path / "run")):
+        state = json.loads((checkpoint / STATE_FILE).read_text())
+        del state["run"]["config"]["weight_decay"]  # as if written before it existed
+        del state["run"]["model"]["merge_norm"]
+        (checkpoint / STATE_FILE).write_text(json.dumps(state))
+        (checkpoint / MARKER_FILE).unlink()  # rewritten with the edited file's size
+        _write_marker(checkpoint)
+    with pytest.raises(KMergeConfigError, match=r"config\.weight_decay: 0\.0 there, 0\.1 here"):
+        train(dataclasses.replace(cfg, resume=True, weight_decay=0.1), model=tiny_model(4))
+    assert train(dataclasses.replace(cfg, resume=True), model=tiny_model(4)).steps == 2
 
 
 def test_sigterm_finishes_the_step_checkpoints_and_exits(tiny_dir, tmp_path):

@@ -44,7 +44,7 @@ from safetensors.torch import load_file
 from kmerge.distributed import weights_sharded
 from kmerge.errors import KMergeConfigError
 from kmerge.modeling import ENCODER_FILE, KMergeModel
-from kmerge.provenance import differences
+from kmerge.provenance import differences, with_defaults
 
 MODEL_DIR = "model"
 STATE_FILE = "trainer_state.json"
@@ -71,8 +71,9 @@ class TrainingInterrupted(Exception):
 class Checkpointer:
     """A run's resumable checkpoints under ``<output_dir>/checkpoints``: one every ``save_every``
     steps and one when SIGINT/SIGTERM asks the run to stop, the newest ``keep`` kept.
-    ``identity``: what a run that resumes a checkpoint must agree on with the run that wrote it.
-    Every process makes the same calls (each saves its own RNG states)."""
+    ``identity``: what a run that resumes a checkpoint must agree on with the run that wrote it;
+    ``defaults``: the same for default settings, standing in for settings that a checkpoint
+    written by an older kmerge lacks (they ran at their defaults then). Every process makes the same calls (each saves its own RNG states)."""
 
     def __init__(
         self,
@@ -81,8 +82,10 @@ class Checkpointer:
         identity: dict,
         save_every: int = 0,
         keep: int = 2,
+        defaults: dict | None = None,
     ) -> None:
         self.accelerator, self.identity = accelerator, identity
+        self.defaults = defaults or {}
         self.root = checkpoints_dir(output_dir) if output_dir else None
         self.save_every, self.keep = save_every, keep
         self.latest: Path | None = None  # the newest checkpoint written or resumed from
@@ -117,9 +120,10 @@ class Checkpointer:
         """Restore the model, optimizer, scheduler and RNG states saved at ``path`` and return
         the progress saved with them; refused if a run with other settings wrote it."""
         state = read_state(path)
+        then = with_defaults(state["run"], self.defaults)
         mismatches = [
-            f"{key}: {then!r} there, {now!r} here"
-            for key, (then, now) in differences(state["run"], self.identity).items()
+            f"{key}: {before!r} there, {now!r} here"
+            for key, (before, now) in differences(then, self.identity).items()
         ]
         if mismatches:
             raise KMergeConfigError(

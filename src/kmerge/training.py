@@ -511,9 +511,10 @@ class _Trainer:
         self.tokenizer = accelerator.unwrap_model(model).tokenizer
         self.progress = Progress()
         self.history: list[dict] = []  # every record logged, as in metrics.jsonl
-        identity = _identity(cfg, accelerator, model)
+        identity = _identity(cfg, accelerator, accelerator.unwrap_model(model).config)
+        defaults = _identity(TrainConfig(), accelerator, KMergeConfig())
         self.checkpoints = Checkpointer(
-            accelerator, out_dir, identity, cfg.checkpoint_every, cfg.keep_checkpoints
+            accelerator, out_dir, identity, cfg.checkpoint_every, cfg.keep_checkpoints, defaults
         )
         self.start = time.perf_counter()
         self.metrics_file = None
@@ -781,12 +782,12 @@ class _Trainer:
         self.history.append({"step": self.progress.step, "resumed_from": str(path)})
 
 
-def _identity(cfg: TrainConfig, accelerator: Accelerator, model) -> dict:
+def _identity(cfg: TrainConfig, accelerator: Accelerator, model_config: KMergeConfig) -> dict:
     """What a checkpoint and the run that resumes it must agree on."""
     settings = {k: v for k, v in cfg.to_dict().items() if k not in RESUMABLE_CHANGES}
     identity = {
         "config": settings,
-        "model": accelerator.unwrap_model(model).config.to_dict(),
+        "model": model_config.to_dict(),
         "processes": accelerator.num_processes,
         "mixed_precision": accelerator.mixed_precision,
     }
