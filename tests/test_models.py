@@ -123,3 +123,23 @@ def test_local_directory_loads(tokenizer, tmp_path):
     assert tok(text, add_special_tokens=False)["input_ids"] == ids[0].tolist()
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=ids).logits, original(input_ids=ids).logits)
+
+
+# ------------------------------------------------------------------ running the first layers
+def test_first_decoder_layers_runs_only_those_layers_and_restores_the_rest(tokenizer):
+    lm = build_tiny_base(len(tokenizer), num_hidden_layers=3)
+    ids = torch.tensor([[5, 9, 2, 7]])
+    with torch.no_grad():
+        full = lm(ids, output_hidden_states=True).hidden_states  # embeddings + 3 layers
+        with models.first_decoder_layers(lm, 2):
+            cut = lm(ids, output_hidden_states=True).hidden_states
+        with models.first_decoder_layers(lm, 5):  # more than the decoder has: all of them
+            every = lm(ids, output_hidden_states=True).hidden_states
+        again = lm(ids, output_hidden_states=True).hidden_states
+    assert len(full) == 4 and len(cut) == 3 and len(every) == 4 and len(again) == 4
+    torch.testing.assert_close(cut[1], full[1])  # the same first layer; cut[2] comes normed
+    torch.testing.assert_close(every[-1], full[-1])
+    torch.testing.assert_close(again[-1], full[-1])  # the layers are back after the block
+    with pytest.raises(KMergeConfigError, match="cannot run the first 0 decoder layers"):
+        with models.first_decoder_layers(lm, 0):
+            pass

@@ -73,7 +73,8 @@ class Checkpointer:
     steps and one when SIGINT/SIGTERM asks the run to stop, the newest ``keep`` kept.
     ``identity``: what a run that resumes a checkpoint must agree on with the run that wrote it;
     ``defaults``: the same for default settings, standing in for settings that a checkpoint
-    written by an older kmerge lacks (they ran at their defaults then). Every process makes the same calls (each saves its own RNG states)."""
+    written by an older kmerge lacks (they ran at their defaults then). Every process makes
+    the same calls (each saves its own RNG states)."""
 
     def __init__(
         self,

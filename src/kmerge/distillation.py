@@ -62,10 +62,6 @@ def normalised_distance(student: list[torch.Tensor], teacher: list[torch.Tensor]
     return torch.stack(per_layer).mean()
 
 
-def _decoder_depth(lm) -> int:
-    return int(lm.config.get_text_config().num_hidden_layers)
-
-
 @dataclass
 class DistillResult:
     output: KMergeOutput  # the student's own cross-entropy, per example
@@ -129,9 +125,7 @@ class Distiller:
                 stack.enter_context(student.peft_model.disable_adapter())
             if self.prompt_layers and not (self.kl_weight or layers):  # the rest is unused
                 # one layer more than matched: the decoder's last hidden state comes normed
-                cut = self.prompt_layers + 1
-                if cut <= _decoder_depth(model.lm):
-                    stack.enter_context(first_decoder_layers(model.lm, cut))
+                stack.enter_context(first_decoder_layers(model.lm, self.prompt_layers + 1))
             batch = model.prepare(prompts, answers, k=1)
             every_token = [range(len(ends)) for ends in batch.block_ends]
             states = model.answer_states(batch, layers, every_token if self.prompt_weight else None)

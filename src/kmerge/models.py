@@ -189,9 +189,10 @@ def lm_logits(lm: PreTrainedModel, hidden: torch.Tensor) -> torch.Tensor:
 
 @contextlib.contextmanager
 def first_decoder_layers(lm: PreTrainedModel, n: int) -> Iterator[None]:
-    """Inside the block the decoder runs only its first ``n`` layers (``decoder.layers``), for
-    callers that need only their hidden states: the layers above are not computed. What comes
-    out of the decoder's final norm and the LM head is then meaningless; do not use it."""
+    """Inside the block the decoder runs only its first ``n`` layers (``decoder.layers``; all of
+    them when it has no more than ``n``), for callers that need only their hidden states: the
+    layers above are not computed. What comes out of the decoder's final norm and the LM head
+    is then meaningless; do not use it."""
     decoder = lm.get_decoder()
     layers = getattr(decoder, "layers", None)
     if not isinstance(layers, nn.ModuleList):
@@ -199,8 +200,8 @@ def first_decoder_layers(lm: PreTrainedModel, n: int) -> Iterator[None]:
             f"{type(decoder).__name__} keeps no decoder.layers list: it cannot run only its "
             "first layers"
         )
-    if not 1 <= n <= len(layers):
-        raise KMergeConfigError(f"the decoder has {len(layers)} layers, cannot run the first {n}")
+    if n < 1:
+        raise KMergeConfigError(f"cannot run the first {n} decoder layers: at least one runs")
     decoder.layers = layers[:n]
     try:
         yield
