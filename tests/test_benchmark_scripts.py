@@ -67,3 +67,36 @@ def test_probe_features_batched_equal_one_by_one(frozen_probe, tiny_model, k):
     for key, value in together.items():
         assert value.shape[0] == 3
         torch.testing.assert_close(value, torch.cat([a[key] for a in alone]), atol=1e-5, rtol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def tree_errors():
+    return load_script("tree_errors")
+
+
+def test_tree_question_types_by_hand(tree_errors):
+    tree = "A\n+B\n++C\n++D\n+E"
+    kinds = {
+        ("A", "B"): "edge",
+        ("B", "A"): "reversed",
+        ("A", "C"): "grandparent",
+        ("C", "A"): "grandchild",
+        ("C", "D"): "siblings",
+        ("B", "E"): "siblings",
+        ("C", "E"): "other",
+    }
+    for (x, y), kind in kinds.items():
+        assert tree_errors.question_type(tree, x, y) == kind, (x, y)
+
+
+def test_tree_question_type_edge_is_exactly_the_true_answers(tree_errors):
+    """The diagnostic's reading of a tree agrees with the task's generator: a question is an
+    ``edge`` exactly when its answer is "true"."""
+    from kmerge.tasks import get_task
+
+    task = get_task("tree", stage="small", n_test=200)
+    examples = task.examples("test")
+    kinds = [tree_errors.question_type(e.meta["tree"], e.meta["parent"], e.meta["child"])
+             for e in examples]  # fmt: skip
+    assert [k == "edge" for k in kinds] == [e.answer == "true" for e in examples]
+    assert {"edge", "reversed"} <= set(kinds)
