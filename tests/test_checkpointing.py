@@ -211,7 +211,16 @@ def interrupt_or_poison(model: KMergeModel, call: int, action) -> None:
     model.forward = patched
 
 
-def test_sigint_mid_step_checkpoints_after_the_step(tiny_model, tmp_path):
+@pytest.fixture
+def python_sigint():
+    """SIGINT raises KeyboardInterrupt, as Python sets it up in a foreground process; a process
+    started in the background by a non-interactive shell (nohup, ``&``) inherits it ignored."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
+
+
+def test_sigint_mid_step_checkpoints_after_the_step(tiny_model, tmp_path, python_sigint):
     model = tiny_model(4)
     interrupt_or_poison(model, 3, lambda out: os.kill(os.getpid(), signal.SIGINT))
     with pytest.raises(TrainingInterrupted) as stop:
@@ -228,7 +237,7 @@ def test_sigint_mid_step_checkpoints_after_the_step(tiny_model, tmp_path):
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
 
 
-def test_without_checkpoints_sigint_interrupts_at_once(tiny_model, tmp_path):
+def test_without_checkpoints_sigint_interrupts_at_once(tiny_model, tmp_path, python_sigint):
     model = tiny_model(4)
     interrupt_or_poison(model, 2, lambda out: os.kill(os.getpid(), signal.SIGINT))
     with pytest.raises(KeyboardInterrupt):
