@@ -314,6 +314,7 @@ def test_several_k_trains_each_k_and_evaluates_at_each(tiny_model, tmp_path):
         ({"budget_clock": "gpu"}, "budget_clock must be"),
         ({"n_train": 0}, "n_train must be >= 1"),
         ({"reconstruct_share": -0.1}, r"reconstruct_share must be in 0.0..1.0"),
+        ({"focal_gamma": -1.0}, "focal_gamma must be >= 0"),
     ],
 )
 def test_bad_training_options(overrides, message):
@@ -647,3 +648,52 @@ def test_reconstruction_needs_merged_prompts(name):
         TrainConfig(model=KMergeConfig(k=1), **{name: 0.2})
     with pytest.raises(KMergeConfigError, match=f"{name} must be below 1"):
         TrainConfig(model=KMergeConfig(k=4), **{name: 1.0})
+
+
+# ------------------------------------------------------------------ focal loss
+def test_focal_loss_weights_each_answer_token_by_its_error(tiny_model):
+    """(1 - p)^gamma * CE per answer token, p the right token's probability computed here from
+    the logits; gamma 0 is the plain loss, and a confident token weighs less than an unsure one."""
+    model = tiny_model(4)
+    randomise_trainables(model, seed=6)
+    prompts, answers = TREE_PROMPTS[:3], ["true", "false", "true"]
+    states = model.answer_states(model.prepare(prompts, answers))
+    out = states.output
+    torch.testing.assert_close(out.focal_loss(0.0), out.loss, rtol=0, atol=0)
+    # each example's tokens, in batch order, add up to its mean loss times its token count
+    per_example = out.token_losses.split(out.answer_tokens.tolist())
+    torch.testing.assert_close(
+        torch.stack([t.sum() for t in per_example]), out.example_losses * out.answer_tokens
+    )
+    targets = model.prepare(prompts, answers).labels[:, 1:]
+    targets = targets[targets != -100]
+    p = states.logits.float().softmax(-1).gather(1, targets[:, None])[:, 0]
+    expected = ((1 - p) ** 2 * -p.log()).mean()
+    torch.testing.assert_close(out.focal_loss(2.0), expected, rtol=1e-4, atol=1e-6)
+    assert out.focal_loss(2.0) < out.loss
+    weight = (1 - p) ** 2
+    assert weight[p.argmax()] == weight.min()  # the most confident token weighs least
+
+
+def test_training_with_focal_loss_optimises_it(tiny_model, tmp_path):
+    """The same first batch from the same start: the step logs the focal loss, below the plain
+    cross-entropy, and the two runs end with different weights."""
+    logged, trained = {}, {}
+    for gamma in (0.0, 2.0):
+        model = tiny_model(4)
+        cfg = small_run(tmp_path / str(gamma), steps=2, focal_gamma=gamma)
+        logged[gamma] = [r["loss"] for r in train(cfg, model).history if "loss" in r]
+        trained[gamma] = lora_tensors(model)
+    assert 0 < logged[2.0][0] < logged[0.0][0]
+    assert any(not torch.equal(trained[0.0][n], t) for n, t in trained[2.0].items())
+
+
+def test_distillation_uses_the_focal_loss_for_the_student_s_own_term(tiny_model):
+    from kmerge.distillation import Distiller
+
+    student = tiny_model(4)
+    randomise_trainables(student, seed=4)
+    distiller = Distiller(student, "base", kl_weight=0.0, focal_gamma=2.0)
+    result = distiller(student, TREE_PROMPTS[:3], ["true", "false", "true"])
+    torch.testing.assert_close(result.loss, result.output.focal_loss(2.0))
+    assert result.loss < result.output.loss

@@ -89,6 +89,8 @@ class Distiller:
         cache: bool = False,
         prompt_weight: float = 0.0,
         prompt_layers: int = 0,
+        *,
+        focal_gamma: float = 0.0,
     ) -> None:
         if temperature <= 0:
             raise KMergeConfigError(f"distillation temperature must be > 0, got {temperature}")
@@ -96,6 +98,7 @@ class Distiller:
             raise KMergeConfigError("distillation weights must be >= 0")
         self.kl_weight, self.temperature, self.hidden_weight = kl_weight, temperature, hidden_weight
         self.prompt_weight = prompt_weight
+        self.focal_gamma = focal_gamma  # of the student's own answer-token loss
         if prompt_layers < 0:
             raise KMergeConfigError(f"prompt_layers must be >= 0 (0: all), got {prompt_layers}")
         self.prompt_layers = prompt_layers or None  # None: every layer
@@ -182,7 +185,7 @@ class Distiller:
         batch = student.prepare(prompts, answers, k=k, protect=protect)
         positions = self._aligned_positions(batch, per_example) if self.prompt_weight else None
         own = student.answer_states(batch, self.hidden_weight > 0, positions)
-        loss = own.output.loss
+        loss = own.output.focal_loss(self.focal_gamma)
         kl = hidden = prompt = torch.zeros((), device=loss.device)
         if self.prompt_weight and any(positions):
             # the teacher's state at the last token of each aligned block

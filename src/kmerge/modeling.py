@@ -168,6 +168,17 @@ class KMergeOutput:
     loss: torch.Tensor  # mean over all answer tokens of the batch
     example_losses: torch.Tensor  # [B] mean over each example's answer tokens
     answer_tokens: torch.Tensor  # [B] number of answer tokens (incl. EOS) per example
+    token_losses: torch.Tensor  # [n answer tokens] each one's cross-entropy, in batch order
+
+    def focal_loss(self, gamma: float) -> torch.Tensor:
+        """Mean over answer tokens of (1 - p)^gamma * cross-entropy, p the probability of the
+        right token (focal loss, arXiv 1708.02002): tokens the model already predicts
+        confidently weigh less, so the gradient goes to the examples it still gets wrong.
+        ``gamma`` 0 is :attr:`loss`."""
+        if gamma == 0:
+            return self.loss
+        weight = (-torch.expm1(-self.token_losses)).clamp(min=0).pow(gamma)  # (1 - p)^gamma
+        return (weight * self.token_losses).mean()
 
 
 @dataclass
@@ -450,7 +461,7 @@ class KMergeModel(nn.Module):
         if prompt_positions is not None:
             rows, cols = batch.prompt_columns(prompt_positions)
             prompt_hidden = [h[rows, cols] for h in out.hidden_states[1:]]
-        output = KMergeOutput(token_losses.mean(), per_example, counts)
+        output = KMergeOutput(token_losses.mean(), per_example, counts, token_losses)
         return AnswerStates(output, logits, hidden, prompt_hidden)
 
     # ---------------------------------------------------------------- generation

@@ -115,6 +115,12 @@ class TrainConfig:
         requires="time_budget",
     )
     lr_schedule: Literal["cosine", "constant"] = option("cosine", "after the linear warm-up")
+    focal_gamma: float = option(
+        0.0,
+        "focal loss on the answer tokens: each token's cross-entropy weighted by (1 - p)^gamma, "
+        "so examples the model already gets right weigh less (0: plain cross-entropy)",
+        minimum=0.0,
+    )
     # The checkpoint then serves each K (evaluate(..., k=), kmerge eval --k).
     k_choices: list[int] | None = option(
         None, "several K in one model: one drawn per step from these (each <= --k)"
@@ -404,7 +410,7 @@ def train(cfg: TrainConfig, model: KMergeModel | None = None) -> TrainResult:
         distiller = Distiller(
             model, cfg.teacher, cfg.distill_kl_weight, cfg.distill_temperature,
             cfg.distill_hidden_weight, cfg.distill_cache, cfg.distill_prompt_weight,
-            cfg.distill_prompt_layers,
+            cfg.distill_prompt_layers, focal_gamma=cfg.focal_gamma,
         )  # fmt: skip
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     store_model_as_adapter(accelerator)
@@ -686,7 +692,9 @@ class _Trainer:
                         options = {"k": k} if k else {}
                         if protect:
                             options["protect"] = protect
-                        total = self.model(prompts, answers, **options).loss
+                        output = self.model(prompts, answers, **options)
+                        # reconstruction steps keep plain cross-entropy: every token is a target
+                        total = output.loss if reconstruct else output.focal_loss(cfg.focal_gamma)
                 except KMergeDataError as err:  # e.g. a prompt too long: name its row
                     raise name_example(err, batch) from None
                 loss = acc.reduce(total.detach(), "mean").item()  # the same on every process
