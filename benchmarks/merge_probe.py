@@ -22,14 +22,17 @@ import torch
 
 from kmerge.batching import make_blocks
 from kmerge.encoder import MergeEncoder
-from kmerge.modeling import ENCODER_FILE, KMergeConfig
+from kmerge.modeling import KMergeModel
 from kmerge.models import load_base_model
 from kmerge.tasks.tree import make_tree_examples
 
 
-def blocks_of(prompts, tokenizer, k):
+def blocks_of(prompts, tokenizer, k, align="start", segment_starts=None):
+    """Every real block of the prompts, laid out as the model lays them out (``align``, and
+    ``segment_starts``: a function from token id lists to their segment-start flags)."""
     ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-    block_ids, mask, _ = make_blocks(ids, k, tokenizer.pad_token_id or 0)
+    starts = segment_starts(ids) if segment_starts else None
+    block_ids, mask, _ = make_blocks(ids, k, tokenizer.pad_token_id or 0, align, starts)
     keep = mask.any(dim=-1)
     return block_ids[keep], mask[keep]  # [M, K], [M, K]
 
@@ -86,29 +89,25 @@ def main() -> None:
     parser.add_argument("--n-test", type=int, default=1000)
     args = parser.parse_args()
     torch.manual_seed(0)
-    base, tokenizer = load_base_model("smollm2-135m")
-    embed = base.get_input_embeddings()
-    hidden = embed.weight.shape[1]
-    k, label = args.k, "mean (average init)"
-    encoder = MergeEncoder(hidden, k)
-    if args.checkpoint:
-        from pathlib import Path
-
-        from safetensors.torch import load_file
-
-        cfg = KMergeConfig.from_dict(json.loads((Path(args.checkpoint) / "kmerge_config.json")
-                                                .read_text()))  # fmt: skip
-        k = cfg.k
-        encoder = MergeEncoder(hidden, k, cfg.encoder_hidden_size, cfg.encoder_layers,
-                               cfg.encoder_input_norm, cfg.merge_norm == "token")  # fmt: skip
-        encoder.load_state_dict(load_file(Path(args.checkpoint) / ENCODER_FILE))
+    layout = {}
+    if args.checkpoint:  # its encoder, merging blocks laid out as the checkpoint lays them out
+        model = KMergeModel.from_pretrained(args.checkpoint)
+        tokenizer, encoder, k = model.tokenizer, model.encoder, model.k
+        embed = model.lm.get_input_embeddings()
+        layout = {"align": model.config.block_alignment, "segment_starts": model._segment_starts}
         label = f"trained encoder of {args.checkpoint}"
+    else:
+        base, tokenizer = load_base_model("smollm2-135m")
+        embed = base.get_input_embeddings()
+        k, label = args.k, "mean (average init)"
+        encoder = MergeEncoder(embed.weight.shape[1], k)
+    hidden = embed.weight.shape[1]
     encoder.eval()
     train = [e.prompt for e in make_tree_examples(args.stage, args.n_train, 0, "train")]
     test = [e.prompt for e in make_tree_examples(args.stage, args.n_test, 0, "test")]
-    result = {"encoder": label, "k": k}
-    result["merged"] = probe(encoder, embed, blocks_of(train, tokenizer, k),
-                             blocks_of(test, tokenizer, k), k)  # fmt: skip
+    result = {"encoder": label, "k": k, "block_alignment": layout.get("align", "start")}
+    result["merged"] = probe(encoder, embed, blocks_of(train, tokenizer, k, **layout),
+                             blocks_of(test, tokenizer, k, **layout), k)  # fmt: skip
     single = MergeEncoder(hidden, 1).eval()
     result["single_tokens"] = probe(single, embed, blocks_of(train, tokenizer, 1),
                                     blocks_of(test, tokenizer, 1), 1)  # fmt: skip

@@ -100,3 +100,71 @@ def test_tree_question_type_edge_is_exactly_the_true_answers(tree_errors):
              for e in examples]  # fmt: skip
     assert [k == "edge" for k in kinds] == [e.answer == "true" for e in examples]
     assert {"edge", "reversed"} <= set(kinds)
+
+
+@pytest.fixture(scope="module")
+def merge_probe():
+    return load_script("merge_probe")
+
+
+def random_pairs(g: torch.Generator, n: int, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """n blocks of two distinct token ids in 1..vocab-1, both orders equally likely."""
+    first = torch.randint(1, vocab, (n,), generator=g)
+    second = (first + torch.randint(1, vocab - 1, (n,), generator=g) - 1) % (vocab - 1) + 1
+    return torch.stack([first, second], dim=1), torch.ones(n, 2, dtype=torch.bool)
+
+
+def test_merge_probe_reads_the_bag_of_a_mean_but_not_its_order(merge_probe):
+    """What docs/quality.md reads from the probe: a block mean keeps which tokens a block holds
+    (bag recall near 1) and not their order (a mean of (a, b) is the mean of (b, a): slot accuracy
+    near 1/2); an encoder whose MLP is not zero does keep order; single tokens are the ceiling."""
+    from kmerge.encoder import MergeEncoder
+
+    g = torch.Generator().manual_seed(0)
+    embed = torch.nn.Embedding(12, 48)
+    torch.nn.init.normal_(embed.weight, generator=g)
+    train, test = random_pairs(g, 600, 12), random_pairs(g, 300, 12)
+    mean = merge_probe.probe(MergeEncoder(48, 2).eval(), embed, train, test, 2)
+    assert mean["bag_recall"] > 0.95 and mean["blocks"] == 300
+    assert max(mean["slot_accuracy"]) < 0.65
+    ordered = MergeEncoder(48, 2).eval()
+    with torch.no_grad():
+        for p in ordered.parameters():
+            p.normal_(generator=g)
+    assert min(merge_probe.probe(ordered, embed, train, test, 2)["slot_accuracy"]) > 0.8
+    singles = [(ids[:, :1], mask[:, :1]) for ids, mask in (train, test)]
+    single = merge_probe.probe(MergeEncoder(48, 1).eval(), embed, *singles, 1)
+    assert single["slot_accuracy"] == [1.0]
+
+
+def test_merge_probe_lays_blocks_out_as_the_model_does(merge_probe, tiny_model, tokenizer):
+    """Probing a segment-aligned checkpoint merges the blocks its model merges, not the paper
+    layout's."""
+    from kmerge.tasks.tree import make_tree_examples
+
+    model = tiny_model(4, block_alignment="segments")
+    prompts = [e.prompt for e in make_tree_examples("small", 4, 0, "test")]
+    layout = {"align": "segments", "segment_starts": model._segment_starts}
+    _, mask = merge_probe.blocks_of(prompts, tokenizer, 4, **layout)
+    batch = model.prepare(prompts)
+    sizes = [b - a for ends in batch.block_ends for a, b in zip([-1, *ends[:-1]], ends)]
+    assert mask.sum(dim=1).tolist() == sizes
+    _, paper = merge_probe.blocks_of(prompts, tokenizer, 4)
+    assert paper.sum(dim=1).tolist() != sizes
+
+
+@pytest.fixture(scope="module")
+def reconstruction_probe():
+    return load_script("reconstruction_probe")
+
+
+def test_reconstruction_probe_reads_lines_depths_and_question_names(reconstruction_probe):
+    from kmerge.tasks.tree import tree_prompt
+
+    prompt = tree_prompt("JR\n+UF\n++OH", "UF", "OH")
+    assert reconstruction_probe.tree_lines(prompt) == ["JR", "+UF", "++OH"]
+    assert [reconstruction_probe.depth(line) for line in ["JR", "+UF", "++OH"]] == [0, 1, 2]
+    assert reconstruction_probe.question_names(prompt) == ("UF", "OH")
+    # a model's garbled attempt: what it cannot parse counts as wrong, not as a crash
+    assert reconstruction_probe.tree_lines("Repeat: nothing") == []
+    assert reconstruction_probe.question_names("Tree: JR, Parent: UF") is None
