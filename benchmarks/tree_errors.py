@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 from collections import defaultdict
+from pathlib import Path
 
 import torch
 
@@ -85,16 +86,35 @@ def spelling(model: KMergeModel, prompt: str, tree: str, name: str) -> str:
     return "shared" if set(in_tree) & set(in_question) else "none"
 
 
+def run_held_out(checkpoint: str | Path) -> dict:
+    """The tree task options that give the held-out trees of the run that wrote ``checkpoint``
+    (its ``train_config.json``, one folder up): they depend on the run's seed and on how many
+    training examples it drew (held-out trees exclude those). ``{}`` without a run config."""
+    config = Path(checkpoint).parent / "train_config.json"
+    if not config.is_file():
+        return {}
+    cfg = json.loads(config.read_text())
+    drawn = cfg.get("n_train") or cfg["steps"] * cfg["batch_size"] * cfg.get("grad_accum", 1)
+    return {"seed": cfg.get("seed", 0), "n_train": drawn}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint")
     parser.add_argument("--stage", default="small")
     parser.add_argument("--n", type=int, default=512)
     parser.add_argument("--k", type=int, default=None, help="evaluate at another K")
+    parser.add_argument(
+        "--seed", type=int, default=None,
+        help="held-out trees of this seed (default: the run's own, as it evaluated them)",
+    )  # fmt: skip
     args = parser.parse_args()
+    options = run_held_out(args.checkpoint)
+    if args.seed is not None:
+        options = {"seed": args.seed}
     torch.manual_seed(0)
     model = KMergeModel.from_pretrained(args.checkpoint).merge_lora()
-    task = get_task("tree", stage=args.stage, n_test=args.n)
+    task = get_task("tree", stage=args.stage, n_test=args.n, **options)
     examples = task.examples("test")
     result = evaluate(model, examples, task, k=args.k, progress=False)
     groups: dict[str, list[bool]] = defaultdict(list)
@@ -119,6 +139,7 @@ def main() -> None:
             groups["names " + ("cut across blocks" if cut else "each in one block")].append(hit)
     report = {
         "checkpoint": args.checkpoint,
+        "held_out": options or {"seed": 0},
         "accuracy": result["accuracy"],
         "compression": result["compression"],
         "groups": {

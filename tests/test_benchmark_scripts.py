@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
 import torch
+
+from kmerge.tasks import get_task
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
@@ -168,3 +171,24 @@ def test_reconstruction_probe_reads_lines_depths_and_question_names(reconstructi
     # a model's garbled attempt: what it cannot parse counts as wrong, not as a crash
     assert reconstruction_probe.tree_lines("Repeat: nothing") == []
     assert reconstruction_probe.question_names("Tree: JR, Parent: UF") is None
+
+
+@pytest.mark.parametrize("overrides", [{"seed": 1}, {"steps": 300, "batch_size": 32}])
+def test_tree_errors_evaluates_the_questions_the_run_evaluated(tree_errors, tokenizer, tmp_path,
+                                                               overrides):  # fmt: skip
+    """The held-out trees depend on the run's seed and on how many training examples it drew
+    (the test split leaves out trees it could have trained on): read from its config, they are
+    the questions the run was evaluated on."""
+    from kmerge.modeling import KMergeConfig
+    from kmerge.training import TrainConfig, load_data
+
+    cfg = TrainConfig(model=KMergeConfig(k=4), n_eval=64, **overrides)
+    (tmp_path / "checkpoint").mkdir()
+    (tmp_path / "train_config.json").write_text(json.dumps(cfg.to_dict()))
+    options = tree_errors.run_held_out(tmp_path / "checkpoint")
+    task = get_task("tree", stage="small", n_test=64, **options)
+    assert task.examples("test") == load_data(cfg, tokenizer).held_out
+    if cfg.seed != 0:  # another seed's trees are other questions
+        other = get_task("tree", stage="small", n_test=64)
+        assert other.examples("test") != load_data(cfg, tokenizer).held_out
+    assert tree_errors.run_held_out(tmp_path / "elsewhere" / "checkpoint") == {}
