@@ -192,3 +192,41 @@ def test_tree_errors_evaluates_the_questions_the_run_evaluated(tree_errors, toke
         other = get_task("tree", stage="small", n_test=64)
         assert other.examples("test") != load_data(cfg, tokenizer).held_out
     assert tree_errors.run_held_out(tmp_path / "elsewhere" / "checkpoint") == {}
+
+
+def fake_run(path, curve: list[tuple[float, float]], steps: int) -> None:
+    """A finished run's metrics.jsonl (loss records and eval records) and results.json."""
+    path.mkdir(parents=True)
+    records = [{"step": 1, "loss": 0.7}]
+    records += [{"step": i + 1, "train_seconds": s, "eval_accuracy": a} for i, (s, a) in
+                enumerate(curve)]  # fmt: skip
+    (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    final = {"accuracy": curve[-1][1], "compression": 3.3, "mean_positions_fed": 8.8, "n": 512}
+    results = {"final_eval": final, "steps": steps, "train_seconds": curve[-1][0]}
+    (path / "results.json").write_text(json.dumps(results))
+
+
+def test_quality_curves_table_and_plot(tmp_path, capsys, monkeypatch):
+    """Runs sharing a label are one curve; the table has each run's final numbers; a label per
+    run is required."""
+    curves = load_script("quality_curves")
+    fake_run(tmp_path / "a-s0", [(10.0, 0.5), (20.0, 0.7)], 40)
+    fake_run(tmp_path / "a-s1", [(12.0, 0.6), (22.0, 0.8)], 44)
+    fake_run(tmp_path / "b-s0", [(10.0, 0.5)], 20)
+    assert curves.eval_curve(tmp_path / "a-s0", "accuracy") == [(10.0, 0.5), (20.0, 0.7)]
+    png = tmp_path / "img" / "curves.png"
+    runs = [str(tmp_path / n) for n in ("a-s0", "a-s1", "b-s0")]
+    monkeypatch.setattr("sys.argv", ["quality_curves", *runs, "--labels", "A,A,B",
+                                     "--output", str(png), "--table"])  # fmt: skip
+    curves.main()
+    out = capsys.readouterr().out
+    assert png.stat().st_size > 0
+    rows = [line for line in out.splitlines() if line.startswith(("A |", "B |"))]
+    assert rows == [
+        "A | a-s0 | 70.0% | 3.30x | 8.8 | 40 | 20 | 512",
+        "A | a-s1 | 80.0% | 3.30x | 8.8 | 44 | 22 | 512",
+        "B | b-s0 | 50.0% | 3.30x | 8.8 | 20 | 10 | 512",
+    ]
+    monkeypatch.setattr("sys.argv", ["quality_curves", *runs, "--labels", "A,B"])
+    with pytest.raises(SystemExit):
+        curves.main()
