@@ -267,6 +267,21 @@ def test_time_budget_progress_bar_counts_the_budget_not_the_steps(tiny_model, tm
     assert "10000" not in bar  # not the step limit the budget stops short of
 
 
+def test_time_budget_progress_bar_survives_a_last_step_past_the_budget(
+    tiny_model, tmp_path, capsys, monkeypatch
+):
+    """A clock that ticks 2 s per reading: steps "take" 2 s or more and the last one ends
+    past the 3 s budget, which made tqdm drop the bar's total and the time bar's format fail
+    (`make demo` crashed at its end)."""
+    import kmerge.training as training
+
+    ticks = iter(range(0, 100_000, 2))
+    monkeypatch.setattr(training, "_clock", lambda kind: next(ticks))
+    result = train(small_run(tmp_path, steps=100, time_budget=3.0, progress=True), tiny_model(4))
+    assert result.train_seconds >= 3.5 and result.steps < 100  # stopped, past the budget
+    assert "3/3 s [" in capsys.readouterr().err
+
+
 def test_lr_schedule_follows_the_time_budget():
     from kmerge.training import Progress, _lr_factor
 

@@ -591,7 +591,9 @@ class _Trainer:
             spent = _clock(cfg.budget_clock) - started
             p.train_seconds += spent
             p.step, p.stage_step = p.step + 1, p.stage_step + 1
-            self.bar.update(spent if cfg.time_budget else 1)
+            # never past the budget: tqdm drops a total that n overshoots, and the bar's
+            # format needs it
+            self.bar.update(min(spent, self.bar.total - self.bar.n) if cfg.time_budget else 1)
             (p.reconstruct_window if reconstruct else p.window).append(loss)
             self._log_loss(stage)
             done = p.stage_step == cfg.steps or self._out_of_time()
