@@ -95,7 +95,6 @@ def test_tree_question_types_by_hand(tree_errors):
 def test_tree_question_type_edge_is_exactly_the_true_answers(tree_errors):
     """The diagnostic's reading of a tree agrees with the task's generator: a question is an
     ``edge`` exactly when its answer is "true"."""
-    from kmerge.tasks import get_task
 
     task = get_task("tree", stage="small", n_test=200)
     examples = task.examples("test")
