@@ -20,21 +20,26 @@ import json
 
 import torch
 
-from kmerge.batching import make_blocks
+from kmerge.batching import prompt_layout
 from kmerge.encoder import MergeEncoder
 from kmerge.modeling import KMergeModel
 from kmerge.models import load_base_model
 from kmerge.tasks.tree import make_tree_examples
 
 
-def blocks_of(prompts, tokenizer, k, align="start", segment_starts=None):
-    """Every real block of the prompts, laid out as the model lays them out (``align``, and
-    ``segment_starts``: a function from token id lists to their segment-start flags)."""
+def blocks_of(prompts, tokenizer, k, layouts=None):
+    """Every merged block of the prompts: ``[M, K]`` token ids and real-token mask. ``layouts``
+    lays prompts out as a model does (``KMergeModel.prompt_layouts``); default: the paper's
+    contiguous blocks of K."""
     ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-    starts = segment_starts(ids) if segment_starts else None
-    block_ids, mask, _ = make_blocks(ids, k, tokenizer.pad_token_id or 0, align, starts)
-    keep = mask.any(dim=-1)
-    return block_ids[keep], mask[keep]  # [M, K], [M, K]
+    spans = layouts(prompts) if layouts else [prompt_layout(len(row), k) for row in ids]
+    rows = [row[a:b] for row, layout in zip(ids, spans) for a, b, raw in layout if not raw]
+    block_ids = torch.zeros(len(rows), k, dtype=torch.long)
+    mask = torch.zeros(len(rows), k, dtype=torch.bool)
+    for m, row in enumerate(rows):
+        block_ids[m, : len(row)] = torch.tensor(row)
+        mask[m, : len(row)] = True
+    return block_ids, mask
 
 
 def ridge(x: torch.Tensor, y: torch.Tensor, lam: float = 1e-2) -> torch.Tensor:
@@ -89,12 +94,12 @@ def main() -> None:
     parser.add_argument("--n-test", type=int, default=1000)
     args = parser.parse_args()
     torch.manual_seed(0)
-    layout = {}
+    layouts = None
     if args.checkpoint:  # its encoder, merging blocks laid out as the checkpoint lays them out
         model = KMergeModel.from_pretrained(args.checkpoint)
         tokenizer, encoder, k = model.tokenizer, model.encoder, model.k
         embed = model.lm.get_input_embeddings()
-        layout = {"align": model.config.block_alignment, "segment_starts": model._segment_starts}
+        layouts = model.prompt_layouts
         label = f"trained encoder of {args.checkpoint}"
     else:
         base, tokenizer = load_base_model("smollm2-135m")
@@ -105,9 +110,10 @@ def main() -> None:
     encoder.eval()
     train = [e.prompt for e in make_tree_examples(args.stage, args.n_train, 0, "train")]
     test = [e.prompt for e in make_tree_examples(args.stage, args.n_test, 0, "test")]
-    result = {"encoder": label, "k": k, "block_alignment": layout.get("align", "start")}
-    result["merged"] = probe(encoder, embed, blocks_of(train, tokenizer, k, **layout),
-                             blocks_of(test, tokenizer, k, **layout), k)  # fmt: skip
+    align = model.config.block_alignment if layouts else "start"
+    result = {"encoder": label, "k": k, "block_alignment": align}
+    result["merged"] = probe(encoder, embed, blocks_of(train, tokenizer, k, layouts),
+                             blocks_of(test, tokenizer, k, layouts), k)  # fmt: skip
     single = MergeEncoder(hidden, 1).eval()
     result["single_tokens"] = probe(single, embed, blocks_of(train, tokenizer, 1),
                                     blocks_of(test, tokenizer, 1), 1)  # fmt: skip

@@ -15,16 +15,17 @@ names with the same tokens as the tree does (the root: " FY" after "Tree:" and a
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from collections import defaultdict
 from pathlib import Path
 
 import torch
 
-from kmerge.batching import prompt_layout
 from kmerge.evaluation import evaluate
 from kmerge.modeling import KMergeModel
 from kmerge.tasks import get_task
+from kmerge.training import TrainConfig, load_data
 
 
 def question_type(tree: str, x: str, y: str) -> str:
@@ -59,17 +60,8 @@ def covering_tokens(model: KMergeModel, prompt: str, start: int, name: str) -> l
 
 def name_cut(model: KMergeModel, prompt: str, tree: str, name: str) -> bool:
     """True when the first occurrence of ``name`` in the tree is split across two blocks."""
-    ids = model.tokenizer(prompt, add_special_tokens=False)["input_ids"]
     tokens = covering_tokens(model, prompt, prompt.index(tree) + tree.index(name), name)
-    starts = model._segment_starts([ids])
-    protected = model.protected_flags([prompt], [ids], None)
-    spans = prompt_layout(
-        len(ids),
-        model.k,
-        model.config.block_alignment,
-        starts[0] if starts else (),
-        protected[0] if protected else (),
-    )
+    spans = model.prompt_layouts([prompt])[0]
     block_of = {t: i for i, (a, b, _) in enumerate(spans) for t in range(a, b)}
     return len({block_of[t] for t in tokens}) > 1
 
@@ -86,22 +78,30 @@ def spelling(model: KMergeModel, prompt: str, tree: str, name: str) -> str:
     return "shared" if set(in_tree) & set(in_question) else "none"
 
 
-def run_held_out(checkpoint: str | Path) -> dict:
-    """The tree task options that give the held-out trees of the run that wrote ``checkpoint``
-    (its ``train_config.json``, one folder up): they depend on the run's seed and on how many
-    training examples it drew (held-out trees exclude those). ``{}`` without a run config."""
-    config = Path(checkpoint).parent / "train_config.json"
-    if not config.is_file():
-        return {}
-    cfg = json.loads(config.read_text())
-    drawn = cfg.get("n_train") or cfg["steps"] * cfg["batch_size"] * cfg.get("grad_accum", 1)
-    return {"seed": cfg.get("seed", 0), "n_train": drawn}
+def held_out(
+    checkpoint: str | Path, n: int, tokenizer, seed: int | None = None, stage: str | None = None
+) -> list:
+    """The held-out questions of the run that wrote ``checkpoint`` (its ``train_config.json``,
+    one folder up), as it evaluated them: they depend on the run's seed and on how many
+    training examples it drew (held-out trees exclude those). ``seed`` and ``stage`` ask for
+    other questions; without a run config, those of the default settings."""
+    run = Path(checkpoint).parent
+    has_run = (run / "train_config.json").is_file()
+    cfg = TrainConfig.from_run(run) if has_run else TrainConfig()
+    if cfg.task != "tree":
+        raise SystemExit(f"{checkpoint} was trained on task {cfg.task!r}, not the tree")
+    changes = {"n_eval": n, "resume": False, "output_dir": None}
+    if seed is not None:
+        changes["seed"] = seed
+    if stage is None and cfg.curriculum:  # the checkpoint of a curriculum ends on its last
+        stage = cfg.curriculum[-1]
+    return load_data(dataclasses.replace(cfg, **changes), tokenizer, stage=stage).held_out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint")
-    parser.add_argument("--stage", default="small")
+    parser.add_argument("--stage", default=None, help="another stage (default: the run's)")
     parser.add_argument("--n", type=int, default=512)
     parser.add_argument("--k", type=int, default=None, help="evaluate at another K")
     parser.add_argument(
@@ -109,14 +109,10 @@ def main() -> None:
         help="held-out trees of this seed (default: the run's own, as it evaluated them)",
     )  # fmt: skip
     args = parser.parse_args()
-    options = run_held_out(args.checkpoint)
-    if args.seed is not None:
-        options = {"seed": args.seed}
     torch.manual_seed(0)
     model = KMergeModel.from_pretrained(args.checkpoint).merge_lora()
-    task = get_task("tree", stage=args.stage, n_test=args.n, **options)
-    examples = task.examples("test")
-    result = evaluate(model, examples, task, k=args.k, progress=False)
+    examples = held_out(args.checkpoint, args.n, model.tokenizer, args.seed, args.stage)
+    result = evaluate(model, examples, get_task("tree"), k=args.k, progress=False)
     groups: dict[str, list[bool]] = defaultdict(list)
     for example, prediction in zip(examples, result["predictions"]):
         meta = example.meta
@@ -139,7 +135,7 @@ def main() -> None:
             groups["names " + ("cut across blocks" if cut else "each in one block")].append(hit)
     report = {
         "checkpoint": args.checkpoint,
-        "held_out": options or {"seed": 0},
+        "held_out": {"n": len(examples), "seed": "the run's" if args.seed is None else args.seed},
         "accuracy": result["accuracy"],
         "compression": result["compression"],
         "groups": {

@@ -139,20 +139,28 @@ def test_merge_probe_reads_the_bag_of_a_mean_but_not_its_order(merge_probe):
     assert single["slot_accuracy"] == [1.0]
 
 
-def test_merge_probe_lays_blocks_out_as_the_model_does(merge_probe, tiny_model, tokenizer):
+@pytest.mark.parametrize("protect", [None, r"[,:]"])
+def test_merge_probe_lays_blocks_out_as_the_model_does(merge_probe, tiny_model, tokenizer,
+                                                       protect):  # fmt: skip
     """Probing a segment-aligned checkpoint merges the blocks its model merges, not the paper
-    layout's."""
+    layout's; protected tokens are never merged, so they are no probe blocks."""
     from kmerge.tasks.tree import make_tree_examples
 
-    model = tiny_model(4, block_alignment="segments")
     prompts = [e.prompt for e in make_tree_examples("small", 4, 0, "test")]
-    layout = {"align": "segments", "segment_starts": model._segment_starts}
-    _, mask = merge_probe.blocks_of(prompts, tokenizer, 4, **layout)
+    model = tiny_model(4, block_alignment="segments", protect_pattern=protect)
+    _, mask = merge_probe.blocks_of(prompts, tokenizer, 4, model.prompt_layouts)
     batch = model.prepare(prompts)
-    sizes = [b - a for ends in batch.block_ends for a, b in zip([-1, *ends[:-1]], ends)]
-    assert mask.sum(dim=1).tolist() == sizes
+    raw = [[r for *_, r in spans] for spans in model.prompt_layouts(prompts)]
+    merged = [
+        b - a
+        for ends, flags in zip(batch.block_ends, raw)
+        for a, b, r in zip([-1, *ends[:-1]], ends, flags)
+        if not r
+    ]
+    assert mask.sum(dim=1).tolist() == merged
+    assert len(merged) == sum(map(len, batch.block_ends)) - sum(batch.raw_positions)
     _, paper = merge_probe.blocks_of(prompts, tokenizer, 4)
-    assert paper.sum(dim=1).tolist() != sizes
+    assert paper.sum(dim=1).tolist() != merged
 
 
 @pytest.fixture(scope="module")
@@ -172,25 +180,29 @@ def test_reconstruction_probe_reads_lines_depths_and_question_names(reconstructi
     assert reconstruction_probe.question_names("Tree: JR, Parent: UF") is None
 
 
-@pytest.mark.parametrize("overrides", [{"seed": 1}, {"steps": 300, "batch_size": 32}])
+@pytest.mark.parametrize(
+    "overrides",
+    [{"seed": 1}, {"steps": 600, "batch_size": 64}, {"curriculum": ["small", "xsmall"]}],
+)
 def test_tree_errors_evaluates_the_questions_the_run_evaluated(tree_errors, tokenizer, tmp_path,
                                                                overrides):  # fmt: skip
     """The held-out trees depend on the run's seed and on how many training examples it drew
     (the test split leaves out trees it could have trained on): read from its config, they are
-    the questions the run was evaluated on."""
+    the questions the run was evaluated on (a curriculum's checkpoint: its last stage's)."""
     from kmerge.modeling import KMergeConfig
     from kmerge.training import TrainConfig, load_data
 
     cfg = TrainConfig(model=KMergeConfig(k=4), n_eval=64, **overrides)
     (tmp_path / "checkpoint").mkdir()
     (tmp_path / "train_config.json").write_text(json.dumps(cfg.to_dict()))
-    options = tree_errors.run_held_out(tmp_path / "checkpoint")
-    task = get_task("tree", stage="small", n_test=64, **options)
-    assert task.examples("test") == load_data(cfg, tokenizer).held_out
+    questions = tree_errors.held_out(tmp_path / "checkpoint", 64, tokenizer)
+    stage = cfg.curriculum[-1] if cfg.curriculum else None
+    assert questions == load_data(cfg, tokenizer, stage=stage).held_out
+    default = tree_errors.held_out(tmp_path / "elsewhere" / "checkpoint", 64, tokenizer)
+    assert default == load_data(TrainConfig(n_eval=64), tokenizer).held_out
     if cfg.seed != 0:  # another seed's trees are other questions
-        other = get_task("tree", stage="small", n_test=64)
-        assert other.examples("test") != load_data(cfg, tokenizer).held_out
-    assert tree_errors.run_held_out(tmp_path / "elsewhere" / "checkpoint") == {}
+        assert questions != default
+    assert tree_errors.held_out(tmp_path / "checkpoint", 64, tokenizer, seed=5) != questions
 
 
 def fake_run(path, curve: list[tuple[float, float]], steps: int) -> None:

@@ -105,6 +105,21 @@ def test_per_call_protect_spans(tiny_model, tokenizer):
     assert spans.positions_fed[0] == plain.positions_fed[0] + 1
 
 
+@pytest.mark.parametrize("k", [4, 2])
+def test_prompt_layouts_are_the_blocks_prepare_merges(tiny_model, tokenizer, k):
+    """What diagnostics read as a model's layout is the layout the model feeds: every span ends
+    where a fed position's block ends, and the raw spans are the protected tokens."""
+    model = tiny_model(4, block_alignment="segments", protect_pattern=r"[,:]", protect_last=2)
+    prompts = ragged_prompts(tokenizer, 3) + TREE_PROMPTS[:2]
+    layouts = model.prompt_layouts(prompts, k=k)
+    batch = model.prepare(prompts, k=k)
+    assert [[b - 1 for _, b, _ in spans] for spans in layouts] == batch.block_ends
+    assert [sum(raw for *_, raw in spans) for spans in layouts] == batch.raw_positions
+    assert all(b - a <= k for spans in layouts for a, b, _ in spans)
+    plain = tiny_model(4).prompt_layouts(prompts, k=k)
+    assert plain != layouts and all(not raw for spans in plain for *_, raw in spans)
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [

@@ -157,3 +157,17 @@ def test_train_file_without_held_out_data_skips_evaluation(tiny_model, tmp_path)
         "rows_filtered": 0,
     }  # fmt: skip
     assert not any("eval_accuracy" in r for r in result.history)
+
+
+def test_train_config_round_trips_through_a_runs_file(tmp_path):
+    cfg = TrainConfig(model=KMergeConfig(k=2, block_alignment="segments"), curriculum=["xsmall"],
+                      k_choices=[1, 2], seed=4, encoder_lr=1e-3)  # fmt: skip
+    (tmp_path / "train_config.json").write_text(json.dumps(cfg.to_dict()))
+    assert TrainConfig.from_run(tmp_path) == cfg
+    with pytest.raises(KMergeConfigError, match="unknown train config keys: colour"):
+        TrainConfig.from_dict({**cfg.to_dict(), "colour": "red"})
+    with pytest.raises(KMergeConfigError, match="not a training run"):
+        TrainConfig.from_run(tmp_path / "nothing")
+    (tmp_path / "train_config.json").write_text("{")
+    with pytest.raises(KMergeConfigError, match="not valid JSON"):
+        TrainConfig.from_run(tmp_path)

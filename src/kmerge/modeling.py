@@ -29,6 +29,7 @@ from kmerge.batching import (
     BlockAlignment,
     CompressedBatch,
     compress_batch,
+    prompt_layout,
     tokenize_answers,
     tokenize_prompts,
 )
@@ -305,11 +306,7 @@ class KMergeModel(nn.Module):
         encoder merges smaller blocks as partial ones). ``protect``: per prompt, character
         spans ``(start, end)`` to keep as ordinary tokens, on top of the config's."""
         k = self.resolve_k(k)
-        prompt_ids = tokenize_prompts(self.tokenizer, prompts)
-        protected = self.protected_flags(prompts, prompt_ids, protect)
-        prompt_tokens = [len(ids) for ids in prompt_ids]  # measured before any compression
-        if self.compressor is not None:
-            prompt_ids = self.compressor.compress(prompt_ids, self)
+        prompt_ids, protected, segment_starts, prompt_tokens = self._tokens(prompts, protect)
         answer_ids = None
         if answers is not None:  # compress_batch checks that the counts agree
             answer_ids = tokenize_answers(
@@ -325,12 +322,40 @@ class KMergeModel(nn.Module):
             max_positions=self.max_positions,
             reserve=reserve,
             prefix_ids=self._prefix_ids(),
-            segment_starts=self._segment_starts(prompt_ids),
+            segment_starts=segment_starts,
             prompt_tokens=prompt_tokens,
             protected=protected,
             k=k,
             spread_positions=self.config.spread_positions,
         )
+
+    def prompt_layouts(
+        self,
+        prompts: Sequence[str],
+        *,
+        k: int | None = None,
+        protect: Sequence[Sequence[tuple[int, int]]] | None = None,
+    ) -> list[list[tuple[int, int, bool]]]:
+        """Per prompt, the ``(start, end, raw)`` token spans that :meth:`prepare` makes of it
+        (block alignment, protected spans; the BOS prefix not counted): for diagnostics that
+        need to know which tokens share a merged position."""
+        k = self.resolve_k(k)
+        prompt_ids, protected, starts, _ = self._tokens(prompts, protect)
+        return [
+            prompt_layout(len(ids), k, self.config.block_alignment,
+                          starts[i] if starts else (), protected[i] if protected else ())
+            for i, ids in enumerate(prompt_ids)
+        ]  # fmt: skip
+
+    def _tokens(self, prompts: Sequence[str], protect) -> tuple:
+        """The prompts' token ids (after any prompt_compressor), protected flags, segment-start
+        flags and token counts before compression: what block layouts are made from."""
+        prompt_ids = tokenize_prompts(self.tokenizer, prompts)
+        protected = self.protected_flags(prompts, prompt_ids, protect)
+        prompt_tokens = [len(ids) for ids in prompt_ids]  # measured before any compression
+        if self.compressor is not None:
+            prompt_ids = self.compressor.compress(prompt_ids, self)
+        return prompt_ids, protected, self._segment_starts(prompt_ids), prompt_tokens
 
     def resolve_k(self, k: int | None) -> int:
         """The block size to merge at: ``k`` checked against the encoder (None: the config's)."""

@@ -243,6 +243,28 @@ class TrainConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    @classmethod
+    def from_dict(cls, data: dict) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise KMergeConfigError(f"unknown train config keys: {', '.join(unknown)}")
+        return cls(**data)
+
+    @classmethod
+    def from_run(cls, run_dir: str | Path) -> TrainConfig:
+        """The settings a run recorded in ``run_dir/train_config.json``."""
+        path = Path(run_dir) / "train_config.json"
+        if not path.is_file():
+            raise KMergeConfigError(f"{run_dir} is not a training run: it has no {path.name}")
+        try:
+            data = json.loads(path.read_text())
+        except ValueError as error:
+            raise KMergeConfigError(f"{path} is not valid JSON: {error}") from None
+        if not isinstance(data, dict):
+            raise KMergeConfigError(f"{path} does not hold a config object")
+        return cls.from_dict(data)
+
 
 @dataclass
 class TrainResult:
