@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import random
 import signal
@@ -123,8 +124,8 @@ async def run_point(
 
 def _quantile(sorted_values: list[float], q: float) -> float:
     """Nearest-rank quantile (with few samples p99 is the slowest request)."""
-    i = min(len(sorted_values) - 1, max(0, int(round(q * len(sorted_values) + 0.5)) - 1))
-    return sorted_values[i]
+    rank = math.ceil(q * len(sorted_values))  # the smallest value with >= q of them at or below
+    return sorted_values[min(len(sorted_values), max(1, rank)) - 1]
 
 
 def main() -> None:

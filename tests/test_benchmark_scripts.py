@@ -241,3 +241,52 @@ def test_quality_curves_table_and_plot(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr("sys.argv", ["quality_curves", *runs, "--labels", "A,B"])
     with pytest.raises(SystemExit):
         curves.main()
+
+
+@pytest.fixture(scope="module")
+def serve_load():
+    return load_script("serve_load")
+
+
+def test_serve_load_quantile_is_the_nearest_rank(serve_load):
+    values = [float(v) for v in range(1, 101)]
+    assert serve_load._quantile(values, 0.99) == 99.0  # not the slowest of 100
+    assert serve_load._quantile(values, 0.5) == 50.0
+    assert serve_load._quantile(values[:4], 0.99) == 4.0  # few samples: the slowest
+    assert serve_load._quantile(values[:3], 0.5) == 2.0
+    assert serve_load._quantile([7.0], 0.0) == 7.0
+
+
+def test_serve_load_goals_are_ratios_of_the_measured_points(serve_load):
+    def point(scheduling, k, clients, ttft, tokens_per_s):
+        return {"scheduling": scheduling, "k": k, "clients": clients, "ttft_p50_s": ttft,
+                "output_tokens_per_s": tokens_per_s}  # fmt: skip
+
+    points = [point("batched", 1, 1, 0.8, 10.0), point("batched", 4, 1, 0.2, 12.0),
+              point("batched", 1, 16, 4.0, 60.0), point("batched", 4, 16, 1.0, 90.0),
+              point("one_at_a_time", 4, 16, 2.0, 30.0)]  # fmt: skip
+    assert serve_load.goals(points, [1, 16], [1, 4]) == {
+        "ttft_p50_k1_over_k4_at_1": 4.0,
+        "ttft_p50_k1_over_k4_at_16": 4.0,
+        "batching_throughput_gain_k4_at_16": 3.0,  # K=1 has no one-at-a-time point: no ratio
+    }
+
+
+def test_profile_prefill_profiles_three_arms_and_writes_their_traces(tiny_dir, tmp_path,
+                                                                     monkeypatch, capsys):  # fmt: skip
+    script = load_script("profile_prefill")
+    argv = ["profile_prefill", "--base-model", str(tiny_dir), "--length", "48", "--k", "4",
+            "--repeats", "1", "--output-dir", str(tmp_path / "profile")]  # fmt: skip
+    monkeypatch.setattr("sys.argv", argv)
+    script.main()
+    traces = sorted(p.name for p in (tmp_path / "profile").iterdir())
+    assert traces == ["kmerge-LoRA_merged-L48-K4.json", "kmerge-LoRA_unmerged-L48-K4.json",
+                      "raw_model_at_LK-L48-K4.json"]  # fmt: skip
+    for name in traces:
+        assert json.loads((tmp_path / "profile" / name).read_text())["traceEvents"]
+    table = capsys.readouterr().out.split("prefills per arm\n")[1].splitlines()[2:5]
+    arms = {row.split(" | ")[0]: int(row.split(" | ")[2]) for row in table}
+    assert set(arms) == {"kmerge, LoRA unmerged", "kmerge, LoRA merged", "raw model at L/K"}
+    # LoRA folded into the weights drops the adapters' extra matmuls
+    assert arms["kmerge, LoRA merged"] < arms["kmerge, LoRA unmerged"]
+    assert arms["raw model at L/K"] > 0
