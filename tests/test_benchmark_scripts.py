@@ -272,8 +272,8 @@ def test_serve_load_goals_are_ratios_of_the_measured_points(serve_load):
     }
 
 
-def test_profile_prefill_profiles_three_arms_and_writes_their_traces(tiny_dir, tmp_path,
-                                                                     monkeypatch, capsys):  # fmt: skip
+def test_profile_prefill_profiles_three_arms_and_writes_traces(tiny_dir, tmp_path, monkeypatch,
+                                                                capsys):  # fmt: skip
     script = load_script("profile_prefill")
     argv = ["profile_prefill", "--base-model", str(tiny_dir), "--length", "48", "--k", "4",
             "--repeats", "1", "--output-dir", str(tmp_path / "profile")]  # fmt: skip
