@@ -37,7 +37,7 @@ from kmerge.encoder import MergeEncoder, check_k
 from kmerge.errors import KMergeConfigError
 from kmerge.io import atomic_directory
 from kmerge.models import DEFAULT_MODEL, check_causal_lm, lm_logits, load_base_model
-from kmerge.options import check_values, option
+from kmerge.options import check_values, from_known_keys, option
 
 if TYPE_CHECKING:
     from kmerge.methods import PromptCompressor
@@ -157,11 +157,7 @@ class KMergeConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> KMergeConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise KMergeConfigError(f"unknown kmerge config keys: {', '.join(unknown)}")
-        return cls(**data)
+        return from_known_keys(cls, data, "kmerge config")
 
 
 @dataclass

@@ -197,3 +197,12 @@ def check_values(config: Any) -> None:
             raise KMergeConfigError(f"{f.name} must be <= {high}, got {value}")
         if f.metadata.get("positive") and not (value > 0 and math.isfinite(value)):
             raise KMergeConfigError(f"{f.name} must be a positive number, got {value}")
+
+
+def from_known_keys(cls: type, data: dict, what: str) -> Any:
+    """``cls(**data)``, refusing keys that are not fields of ``cls`` by name (a config saved
+    by another version, or a typo) instead of a TypeError from the constructor."""
+    unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
+    if unknown:
+        raise KMergeConfigError(f"unknown {what} keys: {', '.join(unknown)}")
+    return cls(**data)

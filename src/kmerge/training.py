@@ -44,7 +44,7 @@ from kmerge.errors import KMergeConfigError, KMergeDataError
 from kmerge.evaluation import evaluate_sharded
 from kmerge.io import atomic_write_text, write_json
 from kmerge.modeling import KMergeConfig, KMergeModel
-from kmerge.options import check_values, option
+from kmerge.options import check_values, from_known_keys, option
 from kmerge.provenance import as_json, differences
 from kmerge.reconstruction import is_reconstruction_step, reconstruction_example
 from kmerge.tasks import Example, Task, build_task, check_stages, task_stages
@@ -245,11 +245,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> TrainConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise KMergeConfigError(f"unknown train config keys: {', '.join(unknown)}")
-        return cls(**data)
+        return from_known_keys(cls, data, "train config")
 
     @classmethod
     def from_run(cls, run_dir: str | Path) -> TrainConfig:
