@@ -46,6 +46,28 @@ def test_synthetic_prompt_has_exactly_n_tokens(tokenizer, n):
     assert len(tokenize_prompts(tokenizer, [prompt])[0]) == n
 
 
+def test_models_share_one_language_model_and_fold_lora_once(tiny_base, tiny_models, tokenizer):
+    """One copy of the LM weights serves every K (a 7B model benched at four K's must not be
+    held four times); folding LoRA into the shared weights happens once, however many K's ask:
+    each model's outputs stay those of its unmerged form."""
+    from kmerge.bench.run import _merge_lora
+
+    models = tiny_models([1, 2, 4])
+    assert len({id(m.lm) for m in models.values()}) == 1
+    assert len({id(m.encoder) for m in models.values()}) == 3
+    assert [m.k for m in models.values()] == [1, 2, 4]
+    prompts, answers = [synthetic_prompt(tokenizer, 37)], ["a b c"]
+    with torch.no_grad():
+        before = {k: full_logits_loss(m, m.prepare(prompts, answers)) for k, m in models.items()}
+        _merge_lora(models, True)
+        for k, model in models.items():
+            assert model.lora_merged
+            after = full_logits_loss(model, model.prepare(prompts, answers))
+            torch.testing.assert_close(after, before[k], rtol=1e-4, atol=1e-5)
+        _merge_lora(models, False)
+        assert not any(m.lora_merged for m in models.values())
+
+
 def test_kv_cache_is_exactly_one_kth(tiny_base, tiny_models, tokenizer):
     models = tiny_models([1, 2, 3, 4, 8])
     raw_lm = tiny_base(seed=0)

@@ -245,11 +245,13 @@ class KMergeModel(nn.Module):
             task_type="CAUSAL_LM",
         )
         peft_model = get_peft_model(base, lora)
-        encoder = cls._make_encoder(base, config).requires_grad_(not config.freeze_encoder)
+        encoder = cls.make_encoder(base, config).requires_grad_(not config.freeze_encoder)
         return cls(peft_model, encoder, tokenizer, config)
 
     @staticmethod
-    def _make_encoder(base: PreTrainedModel, config: KMergeConfig) -> MergeEncoder:
+    def make_encoder(base: PreTrainedModel, config: KMergeConfig) -> MergeEncoder:
+        """A fresh encoder (average init) for ``config``, sized and placed like ``base``'s
+        input embeddings."""
         emb = base.get_input_embeddings().weight
         return MergeEncoder(
             emb.shape[1],
@@ -615,7 +617,7 @@ class KMergeModel(nn.Module):
                 f"checkpoint {directory}: the config says K={config.k} but the saved encoder "
                 f"was trained with K={saved_k}"
             )
-        encoder = cls._make_encoder(base, config)
+        encoder = cls.make_encoder(base, config)
         expected = {k: tuple(v.shape) for k, v in encoder.state_dict().items()}
         saved = {k: tuple(v.shape) for k, v in encoder_state.items()}
         if expected != saved:

@@ -1,7 +1,7 @@
 """``kmerge bench``: how much cheaper K-Token Merging makes a prompt, measured side by side.
 
-Four measurements, on one KMergeModel per K (``KMergeModel.from_base`` around its own copy of
-the base model):
+Four measurements, on one KMergeModel per K (``build_models``: one language model with fresh
+LoRA shared by all, an encoder per K; the raw model is one more copy):
 
 * **Prefill** (time to first token) for prompt lengths L x K. Each (L, K) point times, in
   rotating order within every repetition: kmerge end to end (``prepare``: tokenise, embed,

@@ -3,7 +3,7 @@ and the naive loops, on synthetic prompts of an exact length; the models they ru
 
 from __future__ import annotations
 
-import copy
+import dataclasses
 import math
 import random
 from collections.abc import Sequence
@@ -141,12 +141,15 @@ def full_logits_loss(model: KMergeModel, batch: CompressedBatch) -> torch.Tensor
 
 
 def build_models(base, tokenizer, ks: Sequence[int]) -> dict[int, KMergeModel]:
-    """One KMergeModel per K, each made by ``KMergeModel.from_base`` around its own copy of
-    ``base`` (from_base injects LoRA into the model it is given; the last K takes ``base``
-    itself). Fresh LoRA and encoders: the same numbers whatever K's are built together."""
+    """One KMergeModel per K, all around ``base`` with one set of fresh LoRA adapters
+    (``KMergeModel.from_base`` injects them into ``base`` in place): only the encoder depends
+    on K, so the models share one copy of the language model's weights and differ only in
+    their fresh encoders."""
     ks = sorted(set(ks))
-    bases = [copy.deepcopy(base) for _ in ks[1:]] + [base]
-    return {
-        k: KMergeModel.from_base(model, KMergeConfig(k=k), tokenizer=tokenizer).eval()
-        for k, model in zip(ks, bases)
-    }
+    first = KMergeModel.from_base(base, KMergeConfig(k=ks[0]), tokenizer=tokenizer).eval()
+    models = {ks[0]: first}
+    for k in ks[1:]:
+        config = dataclasses.replace(first.config, k=k)
+        encoder = KMergeModel.make_encoder(first.lm, config).requires_grad_(True)
+        models[k] = KMergeModel(first.peft_model, encoder, tokenizer, config).eval()
+    return models
