@@ -3,14 +3,17 @@ a curriculum, and uses separate learning rates for LoRA and encoder."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import shutil
 
 import pytest
 import torch
 
-from kmerge.errors import KMergeConfigError
+from kmerge.errors import KMergeConfigError, KMergeDataError
 from kmerge.modeling import KMergeConfig, KMergeModel
-from kmerge.training import TrainConfig, make_optimizer, train
+from kmerge.training import TrainConfig, load_data, make_optimizer, train
+from tests.kmerge_process import assert_same_weights
 
 
 def small_run(tmp_path, **overrides) -> TrainConfig:
@@ -171,3 +174,59 @@ def test_train_config_round_trips_through_a_runs_file(tmp_path):
     (tmp_path / "train_config.json").write_text("{")
     with pytest.raises(KMergeConfigError, match="not valid JSON"):
         TrainConfig.from_run(tmp_path)
+
+
+def trained_prompts(model) -> list[list[str]]:
+    """Spy on ``model.prepare``: the prompts of every training batch, in order."""
+    seen: list[list[str]] = []
+    prepare = model.prepare
+
+    def spy(prompts, *args, **kwargs):
+        if model.training:
+            seen.append(list(prompts))
+        return prepare(prompts, *args, **kwargs)
+
+    model.prepare = spy
+    return seen
+
+
+def runs_of(values: list) -> int:
+    """How many runs of equal neighbours ``values`` has."""
+    return sum(1 for i, v in enumerate(values) if i == 0 or values[i - 1] != v)
+
+
+def test_group_by_keeps_a_trees_questions_in_one_batch_and_resumes_exactly(tiny_model,
+                                                                           tmp_path):  # fmt: skip
+    """With group_by="tree" every tree's questions are fed side by side (split only where they
+    cross a batch's end), in a new order each epoch; without it they are scattered; a run
+    resumed mid-epoch gets the same batches."""
+    cfg = small_run(tmp_path, n_train=24, batch_size=8, steps=6, save_every=1, keep_checkpoints=9,
+                    group_by="tree")  # fmt: skip
+    model = tiny_model(4)
+    batches = trained_prompts(model)
+    train(cfg, model=model)
+    tree_of = {e.prompt: e.meta["tree"] for e in load_data(cfg, model.tokenizer).train}
+    epochs = [sum(batches[i : i + 3], []) for i in (0, 3)]  # 24 examples: 3 batches an epoch
+    assert sorted(epochs[0]) == sorted(epochs[1]) == sorted(tree_of) and epochs[0] != epochs[1]
+    for order in epochs:  # a tree's questions are one contiguous run of the epoch's order
+        assert runs_of([tree_of[p] for p in order]) == len(set(tree_of.values()))
+    per_tree = len(tree_of) / len(set(tree_of.values()))
+    assert per_tree > 1.5  # the test means something: trees have several questions
+
+    plain_batches = trained_prompts(plain := tiny_model(4))
+    train(dataclasses.replace(cfg, group_by=None, output_dir=str(tmp_path / "plain")), model=plain)
+    assert runs_of([tree_of[p] for p in sum(plain_batches[:3], [])]) > len(set(tree_of.values()))
+
+    shutil.copytree(tmp_path / "run" / "checkpoint", tmp_path / "whole")
+    shutil.rmtree(tmp_path / "run" / "checkpoints" / "step-00000006")
+    shutil.rmtree(tmp_path / "run" / "checkpoints" / "step-00000005")  # resume inside epoch 2
+    again = trained_prompts(resumed_model := tiny_model(4))
+    train(dataclasses.replace(cfg, resume=True), model=resumed_model)
+    assert again == batches[4:]
+    assert_same_weights(tmp_path / "whole", tmp_path / "run" / "checkpoint")
+
+
+def test_group_by_a_field_the_examples_lack_is_named(tiny_model, tmp_path):
+    message = r"group_by='review': training example 0 has no meta field 'review' \(its fields: "
+    with pytest.raises(KMergeDataError, match=message + r"child, parent, stage, tree\)"):
+        train(small_run(tmp_path, group_by="review"), model=tiny_model(4))

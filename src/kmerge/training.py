@@ -89,6 +89,11 @@ class TrainConfig:
         False,
         "labelled tasks: train on every answer equally often (minority classes repeated)",
     )
+    group_by: str | None = option(
+        None,
+        "keep the training examples that share this meta field in one batch where they fit "
+        '(tree: "tree", all questions on one tree side by side)',
+    )
     n_eval: int = option(128, "held-out examples", minimum=1)
     steps: int = option(300, "optimizer steps (per stage in curriculum mode)", minimum=1)
     # 16 left K=4 at chance on the tree task here: docs/demo.md
@@ -308,6 +313,37 @@ def load_data(
     train, cut_train = fit_prompts(train, tokenizer, cfg.max_prompt_tokens)
     held_out, cut_eval = fit_prompts(held_out, tokenizer, cfg.max_prompt_tokens)
     return TaskData(task, train, held_out, cut_train + cut_eval)
+
+
+def groups(examples: list[Example], key: str) -> list[list[int]]:
+    """Indices of the examples, grouped by their ``meta[key]`` (groups in order of first
+    appearance)."""
+    out: dict[object, list[int]] = {}
+    for i, example in enumerate(examples):
+        if key not in (example.meta or {}):
+            raise KMergeDataError(
+                f"group_by={key!r}: training example {i} has no meta field {key!r} "
+                f"(its fields: {', '.join(sorted(example.meta or {})) or 'none'})"
+            )
+        out.setdefault(json.dumps(example.meta[key], sort_keys=True), []).append(i)
+    return list(out.values())
+
+
+class GroupedSampler(torch.utils.data.Sampler):
+    """Every index once per epoch: the groups in a random order (drawn from ``generator``, as
+    a shuffled DataLoader draws its order, so a resumed run repeats it), each group's indices
+    side by side. Cut into batches, a group is split only where it crosses a batch's end, so
+    a batch holds contrasting examples (a tree's true and false questions) together."""
+
+    def __init__(self, groups: list[list[int]], generator: torch.Generator) -> None:
+        self.groups, self.generator = groups, generator
+
+    def __len__(self) -> int:
+        return sum(map(len, self.groups))
+
+    def __iter__(self) -> Iterator[int]:
+        for g in torch.randperm(len(self.groups), generator=self.generator).tolist():
+            yield from self.groups[g]
 
 
 def balanced(examples: list[Example], seed: int) -> list[Example]:
@@ -661,13 +697,15 @@ class _Trainer:
         if not examples:
             raise KMergeDataError("no training examples to train on")
         generator = torch.Generator().manual_seed(cfg.seed + p.stage_index)
+        order = {"shuffle": True, "generator": generator}
+        if cfg.group_by:
+            order = {"sampler": GroupedSampler(groups(examples, cfg.group_by), generator)}
         loader = DataLoader(
             examples,
             batch_size=cfg.batch_size,  # per process
-            shuffle=True,
-            generator=generator,
             collate_fn=list,
             drop_last=len(examples) >= cfg.batch_size,
+            **order,
         )
         loader = acc.prepare(loader)  # with several processes: each its own batches
         while True:
