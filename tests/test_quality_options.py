@@ -470,6 +470,16 @@ def test_training_with_a_teacher_logs_its_cost(tiny_model, tmp_path):
     assert all(r["distill_prompt"] > 0 and r["distill_hidden"] > 0 for r in logged)
 
 
+def test_a_teacher_alone_distils_the_prompt_and_refuses_zero_weights(tiny_model, tmp_path):
+    # --teacher alone is the measured recipe: prompt distillation, no answer-token KL
+    logged = [
+        r for r in train(small_run(tmp_path, teacher="base"), tiny_model(4)).history if "loss" in r
+    ]
+    assert all(r["distill_prompt"] > 0 and r["distill_kl"] == 0 for r in logged)
+    with pytest.raises(KMergeConfigError, match="every distillation weight at 0 distils nothing"):
+        small_run(tmp_path, teacher="base", distill_prompt_weight=0.0)
+
+
 def test_cached_teacher_gives_the_same_loss_and_is_not_run_again(tiny_model):
     from kmerge.distillation import Distiller
 

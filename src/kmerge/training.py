@@ -138,26 +138,28 @@ class TrainConfig:
     init_from: str | None = option(
         None, "warm start: the LoRA (and, when shapes match, the encoder) of this checkpoint"
     )
-    # Distillation (kmerge.distillation): the teacher reads the plain prompt; the student also
-    # matches its answer-token distribution and, with a hidden weight, its hidden states.
+    # Distillation (kmerge.distillation): the teacher reads the plain prompt; the student
+    # matches its states inside the prompt and, with those weights, its answer-token
+    # distribution and hidden states. The defaults are the measured best (quality.md: prompt
+    # distillation from the base model, first 8 layers; the answer-token KL did not pay).
     teacher: str | None = option(
         None, 'distill from an uncompressed teacher: a K=1 checkpoint, or "base" (adapters off)'
     )
     distill_kl_weight: float = option(
-        2.0, "weight of the answer-token KL to the teacher", requires="teacher"
+        0.0, "weight of the answer-token KL to the teacher", requires="teacher"
     )
     distill_temperature: float = option(1.0, "temperature of that KL", requires="teacher")
     distill_hidden_weight: float = option(
         0.0, "weight of the per-layer hidden-state distance to the teacher", requires="teacher"
     )
     distill_prompt_weight: float = option(
-        0.0,
+        1.0,
         "weight of the hidden-state distance inside the prompt: each merged position against the "
         "teacher's state at its block's last token (every layer)",
         requires="teacher",
     )
     distill_prompt_layers: int = option(
-        0,
+        8,
         "match only the first N decoder layers inside the prompt (0: all); the teacher then "
         "runs only those layers",
         minimum=0,
@@ -235,6 +237,12 @@ class TrainConfig:
                     f"{name} needs K > 1: at K=1 the prompt is not merged, there is nothing to "
                     "reconstruct"
                 )
+        weights = (self.distill_kl_weight, self.distill_hidden_weight, self.distill_prompt_weight)
+        if self.teacher and not any(weights):
+            raise KMergeConfigError(
+                "a teacher with every distillation weight at 0 distils nothing: set "
+                "distill_prompt_weight, distill_kl_weight or distill_hidden_weight above 0"
+            )
         if self.resume and self.overwrite:
             raise KMergeConfigError("give resume or overwrite, not both")
         if self.resume and not self.output_dir:
