@@ -6,7 +6,8 @@
 Reads each run's metrics.jsonl (the eval records carry ``train_seconds``: optimisation time on
 the run's budget clock, evaluation excluded) and results.json, draws one curve per run (runs
 with the same label are averaged point by point, the spread shaded) and prints a markdown table
-of the final metric, the measured compression and the training seconds.
+of the final metric, the measured compression and the training seconds (for a run stopped
+before its end: its last evaluation).
 """
 
 from __future__ import annotations
@@ -19,12 +20,34 @@ from pathlib import Path
 from kmerge.reporting import markdown_table
 
 
+def records(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
 def eval_curve(run: Path, metric: str) -> list[tuple[float, float]]:
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return [(r["train_seconds"], r[f"eval_{metric}"]) for r in rows if f"eval_{metric}" in r]
+    return [
+        (r["train_seconds"], r[f"eval_{metric}"]) for r in records(run) if f"eval_{metric}" in r
+    ]
 
 
 def final_row(run: Path, metric: str) -> dict:
+    """The run's final evaluation; for a run without results.json (stopped before the end, or
+    still running), its last mid-run evaluation, marked as such."""
+    if not (run / "results.json").exists():
+        rows = records(run)
+        last = [r for r in rows if f"eval_{metric}" in r]
+        if not last:
+            raise SystemExit(f"{run}: no results.json and no evaluation in metrics.jsonl yet")
+        data = next((r["data"] for r in rows if "data" in r), {})
+        return {
+            "run": f"{run.name} (no final evaluation; last at step {last[-1]['step']})",
+            "metric": last[-1][f"eval_{metric}"],
+            "compression": last[-1]["eval_compression"],
+            "positions": last[-1]["eval_mean_positions_fed"],
+            "steps": last[-1]["step"],
+            "train_seconds": last[-1]["train_seconds"],
+            "n": data.get("n_eval", "?"),
+        }
     result = json.loads((run / "results.json").read_text())
     final = result["final_eval"]
     return {

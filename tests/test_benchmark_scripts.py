@@ -243,6 +243,28 @@ def test_quality_curves_table_and_plot(tmp_path, capsys, monkeypatch):
         curves.main()
 
 
+def test_quality_curves_reads_a_stopped_run_from_its_last_evaluation(tmp_path, capsys, monkeypatch):
+    curves = load_script("quality_curves")
+    fake_run(tmp_path / "stopped", [(10.0, 0.5), (20.0, 0.75)], 40)
+    (tmp_path / "stopped" / "results.json").unlink()  # stopped by a signal before its end
+    with (tmp_path / "stopped" / "metrics.jsonl").open("r+") as f:
+        rows = [json.loads(line) for line in f]
+        rows[-1] |= {"eval_compression": 1.0, "eval_mean_positions_fed": 29.0}
+        f.seek(0)
+        f.write(
+            "".join(json.dumps(r) + "\n" for r in [{"step": 0, "data": {"n_eval": 512}}, *rows])
+        )
+    monkeypatch.setattr("sys.argv", ["quality_curves", str(tmp_path / "stopped"), "--table"])
+    curves.main()
+    row = "stopped | stopped (no final evaluation; last at step 2) | 75.0% | 1.00x | 29.0 | 2 | 20"
+    assert f"{row} | 512" in capsys.readouterr().out
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "metrics.jsonl").write_text(json.dumps({"step": 0}) + "\n")
+    monkeypatch.setattr("sys.argv", ["quality_curves", str(tmp_path / "empty"), "--table"])
+    with pytest.raises(SystemExit, match="no evaluation in metrics.jsonl yet"):
+        curves.main()
+
+
 @pytest.fixture(scope="module")
 def serve_load():
     return load_script("serve_load")
