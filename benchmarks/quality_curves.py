@@ -33,30 +33,28 @@ def eval_curve(run: Path, metric: str) -> list[tuple[float, float]]:
 def final_row(run: Path, metric: str) -> dict:
     """The run's final evaluation; for a run without results.json (stopped before the end, or
     still running), its last mid-run evaluation, marked as such."""
-    if not (run / "results.json").exists():
+    if (run / "results.json").exists():
+        result = json.loads((run / "results.json").read_text())
+        final, name = result["final_eval"], run.name
+        steps, seconds = result["steps"], result["train_seconds"]
+    else:
         rows = records(run)
-        last = [r for r in rows if f"eval_{metric}" in r]
-        if not last:
+        evals = [r for r in rows if f"eval_{metric}" in r]
+        if not evals:
             raise SystemExit(f"{run}: no results.json and no evaluation in metrics.jsonl yet")
-        data = next((r["data"] for r in rows if "data" in r), {})
-        return {
-            "run": f"{run.name} (no final evaluation; last at step {last[-1]['step']})",
-            "metric": last[-1][f"eval_{metric}"],
-            "compression": last[-1]["eval_compression"],
-            "positions": last[-1]["eval_mean_positions_fed"],
-            "steps": last[-1]["step"],
-            "train_seconds": last[-1]["train_seconds"],
-            "n": data.get("n_eval", "?"),
-        }
-    result = json.loads((run / "results.json").read_text())
-    final = result["final_eval"]
+        last = evals[-1]
+        # an eval record holds the final evaluation's keys, prefixed with eval_
+        final = {k.removeprefix("eval_"): v for k, v in last.items() if k.startswith("eval_")}
+        final["n"] = next((r["data"]["n_eval"] for r in rows if "data" in r), "?")
+        name = f"{run.name} (no final evaluation; last at step {last['step']})"
+        steps, seconds = last["step"], last["train_seconds"]
     return {
-        "run": run.name,
+        "run": name,
         "metric": final[metric],
         "compression": final["compression"],
         "positions": final["mean_positions_fed"],
-        "steps": result["steps"],
-        "train_seconds": result["train_seconds"],
+        "steps": steps,
+        "train_seconds": seconds,
         "n": final["n"],
     }
 
