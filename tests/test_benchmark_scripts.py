@@ -312,3 +312,47 @@ def test_profile_prefill_profiles_three_arms_and_writes_traces(tiny_dir, tmp_pat
     # LoRA folded into the weights drops the adapters' extra matmuls
     assert arms["kmerge, LoRA merged"] < arms["kmerge, LoRA unmerged"]
     assert arms["raw model at L/K"] > 0
+
+
+@pytest.fixture(scope="module")
+def late_merge_bound():
+    return load_script("late_merge_bound")
+
+
+def _answer_losses(script, model, layers, prompts, answers):
+    late = script.LateMask(model, layers)
+    try:
+        with torch.no_grad():
+            return script.answer_nll(model, late, prompts, answers).example_losses
+    finally:
+        late.remove()
+
+
+def test_late_merge_bound_batched_equals_one_by_one_and_no_mask_is_the_plain_model(
+    late_merge_bound, tiny_model
+):
+    model = tiny_model(4)
+    prompts, answers = ["a b", "a b c d e f g h i", "c d e f g"], ["x", "y z", "w"]
+    layers = len(model.lm.get_decoder().layers)
+    plain = model.loss(model.prepare(prompts, answers, k=1)).example_losses
+    unmasked = _answer_losses(late_merge_bound, model, layers, prompts, answers)
+    torch.testing.assert_close(unmasked, plain)
+    together = _answer_losses(late_merge_bound, model, 1, prompts, answers)
+    alone = torch.cat([_answer_losses(late_merge_bound, model, 1, [p], [a])
+                       for p, a in zip(prompts, answers)])  # fmt: skip
+    torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(together, plain)  # the mask is in force from layer 1 on
+
+
+def test_late_merge_bound_hides_tokens_that_end_no_block(late_merge_bound, tiny_model):
+    """At L = 0 the answer reads only the blocks' last tokens: changing a token inside a block
+    changes nothing; at L = 1 the first layer reads it, so the answer's loss moves."""
+    model = tiny_model(4)
+    base, edited = "a b c d e f g h", "a q c d e f g h"  # the 2nd token ends no block of 4
+    spans = model.prompt_layouts([base])[0]
+    changed = model.tokenizer(edited)["input_ids"]
+    assert len(changed) == len(model.tokenizer(base)["input_ids"])
+    assert all(end - 1 != 1 for _, end, _ in spans)
+    for layers, same in ((0, True), (1, False)):
+        a, b = (_answer_losses(late_merge_bound, model, layers, [p], ["x"]) for p in (base, edited))
+        assert torch.allclose(a, b, atol=1e-6) == same

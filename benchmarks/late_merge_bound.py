@@ -1,0 +1,156 @@
+"""How well can the LM answer when, above layer L, it reads only the plain prompt's block ends?
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/late_merge_bound.py --layers 8 --steps 150 \
+        --output runs/q/bound-l8-s0.json
+
+Prompt distillation (``--teacher base``) asks each merged position to hold, in the first L
+layers, what the plain prompt holds at its block's last token. This script trains the case
+where that match is perfect: the uncompressed prompt runs through the first L decoder layers
+as usual, and from layer L on every position may attend only to the K-blocks' last tokens
+(the segments layout of ``--k 4 --block-alignment segments``) and to the answer tokens, so
+what the answer reads above layer L is exactly the teacher's states at the merged positions.
+It is an upper bound for prompt distillation over L layers, not a compression method: the
+first L layers still run at the full length. L = 0 is K-Token Merging's layout with each
+block replaced by its last token's embedding (token dropping).
+
+Same data, held-out questions, LoRA, optimiser and schedule as ``kmerge train --stage small
+--steps STEPS`` with the given seed (the held-out trees depend on ``--steps``). Accuracy is
+choice accuracy ("true" against "false" by answer likelihood), evaluated every
+``--eval-every`` steps; the process's CPU seconds of optimisation are logged with it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import random
+import time
+from pathlib import Path
+
+import torch
+
+from kmerge.modeling import KMergeConfig, KMergeModel
+from kmerge.training import TrainConfig, load_data
+
+
+def keep_mask(model: KMergeModel, prompts: list[str], batch) -> torch.Tensor:
+    """[B, 1, T, T] additive mask: causal, real keys only, and of the prompt only its block
+    ends."""
+    real = batch.attention_mask.bool()  # batches are left-padded
+    t = real.shape[1]
+    keep = real.clone()
+    for i, spans in enumerate(model.prompt_layouts(prompts)):
+        start = batch.prompt_starts[i]
+        keep[i, start : start + batch.prompt_tokens[i]] = False
+        keep[i, [start + end - 1 for _, end, _ in spans]] = True
+    causal = torch.ones(t, t, dtype=torch.bool).tril()
+    mask = causal & keep[:, None, :]
+    mask |= torch.eye(t, dtype=torch.bool)  # a position always sees itself: no empty rows
+    # additive, as eager attention adds it to the scores (sdpa takes either form)
+    dtype = batch.inputs_embeds.dtype
+    return torch.zeros(mask.shape, dtype=dtype).masked_fill(~mask, torch.finfo(dtype).min)[:, None]
+
+
+class LateMask:
+    """Swaps the attention mask of decoder layers >= L for the block-end mask of the batch."""
+
+    def __init__(self, model: KMergeModel, layers: int) -> None:
+        self.mask: torch.Tensor | None = None
+        self.handles = [
+            layer.register_forward_pre_hook(self._hook, with_kwargs=True)
+            for layer in model.lm.get_decoder().layers[layers:]
+        ]
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+    def _hook(self, module, args, kwargs):
+        if self.mask is not None:
+            kwargs["attention_mask"] = self.mask
+        return args, kwargs
+
+
+def answer_nll(model: KMergeModel, late: LateMask, prompts: list[str], answers: list[str]):
+    batch = model.prepare(prompts, answers, k=1)
+    late.mask = keep_mask(model, prompts, batch)
+    try:
+        return model.loss(batch)
+    finally:
+        late.mask = None
+
+
+@torch.no_grad()
+def choice_accuracy(model, late, examples, choices=("true", "false"), batch_size=32) -> float:
+    model.eval()
+    hits = 0
+    for i in range(0, len(examples), batch_size):
+        chunk = examples[i : i + batch_size]
+        prompts = [e.prompt for e in chunk]
+        scores = []
+        for choice in choices:
+            out = answer_nll(model, late, prompts, [choice] * len(chunk))
+            scores.append(out.example_losses * out.answer_tokens)
+        best = torch.stack(scores).argmin(0).tolist()
+        hits += sum(choices[j] == e.answer for j, e in zip(best, chunk))
+    model.train()
+    return hits / len(examples)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", type=int, default=8, help="L: layers that read every token")
+    parser.add_argument("--k", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=600, help="the run whose data to use")
+    parser.add_argument("--train-steps", type=int, default=None, help="stop early (default: all)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--n-eval", type=int, default=512)
+    parser.add_argument("--eval-every", type=int, default=25)
+    parser.add_argument("--output", type=Path, required=True)
+    args = parser.parse_args()
+
+    cfg = TrainConfig(
+        stage="small", steps=args.steps, seed=args.seed, n_eval=args.n_eval,
+        model=KMergeConfig(k=args.k, block_alignment="segments"),
+    )  # fmt: skip
+    torch.manual_seed(cfg.seed)
+    model = KMergeModel.from_base(cfg.model.base_model, cfg.model)
+    data = load_data(dataclasses.replace(cfg, output_dir=None), model.tokenizer)
+    late = LateMask(model, args.layers)
+    params = [p for p in model.peft_model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+    def lr_at(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return step / cfg.warmup_steps
+        return 0.5 * (1 + math.cos(math.pi * (step - cfg.warmup_steps)
+                                   / max(1, cfg.steps - cfg.warmup_steps)))  # fmt: skip
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    train = list(data.train)
+    random.Random(cfg.seed).shuffle(train)
+    records, cpu = [], 0.0
+    model.train()
+    for step in range(1, (args.train_steps or cfg.steps) + 1):
+        chunk = train[(step - 1) * cfg.batch_size : step * cfg.batch_size]
+        started = time.process_time()
+        loss = answer_nll(model, late, [e.prompt for e in chunk], [e.answer for e in chunk]).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        opt.step()
+        sched.step()
+        cpu += time.process_time() - started
+        if step % args.eval_every == 0 or step == (args.train_steps or cfg.steps):
+            acc = choice_accuracy(model, late, data.held_out)
+            record = {"step": step, "loss": float(loss.detach()), "cpu_seconds": cpu}
+            records.append(record | {"accuracy": acc})
+            print(json.dumps(records[-1]), flush=True)
+            args.output.write_text(json.dumps({"args": vars(args) | {"output": str(args.output)},
+                                               "records": records}, indent=1))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
