@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import random
 import time
 from pathlib import Path
@@ -32,7 +31,7 @@ from pathlib import Path
 import torch
 
 from kmerge.modeling import KMergeConfig, KMergeModel
-from kmerge.training import TrainConfig, load_data
+from kmerge.training import Progress, TrainConfig, _lr_factor, load_data, make_optimizer
 
 
 def keep_mask(model: KMergeModel, prompts: list[str], batch) -> torch.Tensor:
@@ -119,16 +118,10 @@ def main() -> None:
     model = KMergeModel.from_base(cfg.model.base_model, cfg.model)
     data = load_data(dataclasses.replace(cfg, output_dir=None), model.tokenizer)
     late = LateMask(model, args.layers)
-    params = [p for p in model.peft_model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-
-    def lr_at(step: int) -> float:
-        if step < cfg.warmup_steps:
-            return step / cfg.warmup_steps
-        return 0.5 * (1 + math.cos(math.pi * (step - cfg.warmup_steps)
-                                   / max(1, cfg.steps - cfg.warmup_steps)))  # fmt: skip
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    opt = make_optimizer(model, cfg)  # the encoder gets no gradient: only the LoRA moves
+    params = [p for group in opt.param_groups for p in group["params"]]
+    # no time budget: the schedule follows the step share alone
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_factor(cfg, cfg.steps, Progress))
     train = list(data.train)
     random.Random(cfg.seed).shuffle(train)
     records, cpu = [], 0.0
