@@ -141,12 +141,12 @@ class TrainConfig:
     # Distillation (kmerge.distillation): the teacher reads the plain prompt; the student
     # matches its states inside the prompt and, with those weights, its answer-token
     # distribution and hidden states. The defaults are the measured best (quality.md: prompt
-    # distillation from the base model, first 8 layers; the answer-token KL did not pay).
+    # distillation from the base model, first 8 layers, weight 3; the answer-token KL did not pay).
     teacher: str | None = option(
         None,
         'distill from an uncompressed teacher: a K=1 checkpoint, or "base" (adapters off); with '
-        "the default weights, prompt distillation (best measured K=4 recipe past ~20 CPU-minutes: "
-        "--teacher base --encoder-lr 3e-3, docs/quality.md)",
+        "the default weights, prompt distillation (best measured K=4 recipe: --teacher base "
+        "--encoder-lr 3e-3, docs/quality.md)",
     )
     distill_kl_weight: float = option(
         0.0, "weight of the answer-token KL to the teacher", requires="teacher"
@@ -156,7 +156,7 @@ class TrainConfig:
         0.0, "weight of the per-layer hidden-state distance to the teacher", requires="teacher"
     )
     distill_prompt_weight: float = option(
-        1.0,
+        3.0,
         "weight of the hidden-state distance inside the prompt: each merged position against the "
         "teacher's state at its block's last token (over --distill-prompt-layers)",
         requires="teacher",
