@@ -1,7 +1,9 @@
 """How well can the LM answer when, above layer L, it reads only the plain prompt's block ends?
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/late_merge_bound.py --layers 8 --steps 150 \
-        --output runs/q/bound-l8-s0.json
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/late_merge_bound.py --layers 8 --steps 5000 \
+        --train-steps 150 --eval-every 50 --seed 0 --output runs/q/bound-l8-s0.json
+
+(``--steps 5000``: the held-out questions and schedule of the K=1 runs ``z7-k1-2500-s0``.)
 
 Prompt distillation (``--teacher base``) asks each merged position to hold, in the first L
 layers, what the plain prompt holds at its block's last token. This script trains the case
