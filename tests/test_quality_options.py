@@ -453,6 +453,57 @@ def test_prompt_distillation_matches_each_block_to_its_last_token(tiny_model, la
     assert result.prompt_hidden == pytest.approx(float(expected), rel=1e-4)
 
 
+def test_a_match_only_step_runs_the_matched_layers_and_trains_the_match_alone(tiny_model):
+    """A warm-up step: the same prompt distance as a full step, computed with the student's
+    decoder cut to the matched layers (+1, whose output comes normed), nothing else in the loss,
+    and its gradient reaching the encoder."""
+    from kmerge.distillation import Distiller
+
+    student = tiny_model(4, block_alignment="segments", base_overrides={"num_hidden_layers": 4})
+    randomise_trainables(student, seed=4)
+    prompts, answers = TREE_PROMPTS[:3], ["true", "false", "true"]
+    distiller = Distiller(
+        student, "base", kl_weight=1.0, hidden_weight=1.0, prompt_weight=2.0, prompt_layers=1
+    )
+    full = distiller(student, prompts, answers)
+    calls = []
+    student.lm.get_decoder().layers[2].register_forward_hook(lambda *a: calls.append(1))
+    warm = distiller(student, prompts, answers, match_only=True)
+    assert calls == []  # neither the teacher nor the student ran the third layer
+    assert len(student.lm.get_decoder().layers) == 4  # the cut is undone
+    assert warm.prompt_hidden == pytest.approx(full.prompt_hidden, rel=1e-5)
+    assert warm.kl == warm.hidden == 0.0 and full.kl > 0 and full.hidden > 0
+    assert float(warm.loss.detach()) == pytest.approx(2.0 * warm.prompt_hidden, rel=1e-5)
+    warm.loss.backward()
+    assert student.encoder.mlp[-1].weight.grad.abs().sum() > 0
+    with pytest.raises(KMergeConfigError, match="match-only step needs the prompt term"):
+        Distiller(student, "base", prompt_weight=1.0, prompt_layers=0)(
+            student, prompts, answers, match_only=True
+        )
+
+
+def test_match_warmup_comes_first_and_logs_its_own_loss(tiny_model, tmp_path):
+    model = tiny_model(4, base_overrides={"num_hidden_layers": 3})
+    decoder_calls = []
+    model.lm.get_decoder().layers[2].register_forward_hook(  # training forwards, not evaluation
+        lambda layer, *a: decoder_calls.append(1) if layer.training else None
+    )
+    cfg = small_run(
+        tmp_path, steps=8, teacher="base", distill_prompt_layers=1, distill_match_warmup=0.25
+    )
+    records = [r for r in train(cfg, model).history if "lr" in r]
+    assert [("match_loss" in r, "loss" in r) for r in records] == [(True, False)] * 2 + [
+        (False, True)
+    ] * 6  # log_every=1: the first quarter of the steps, each under its own name
+    assert all(r["distill_prompt"] > 0 for r in records)
+    assert len(decoder_calls) == 6  # the third layer ran in the task steps' student only
+    with pytest.raises(KMergeConfigError, match="distill_match_warmup must be below 1"):
+        small_run(tmp_path, teacher="base", distill_match_warmup=1.0)
+    for wrong in ({}, {"teacher": "base", "distill_prompt_layers": 0}):
+        with pytest.raises(KMergeConfigError, match="needs a teacher, distill_prompt_weight > 0"):
+            small_run(tmp_path, distill_match_warmup=0.5, **wrong)
+
+
 def test_prompt_distillation_refuses_a_teacher_that_tokenises_otherwise(tiny_model, tmp_path):
     from kmerge.distillation import Distiller
 

@@ -18,6 +18,10 @@ cross-entropy (xRAG, arXiv 2405.13792):
   turn what a position holds into what the layers above read); with no answer terms the
   teacher then runs only those N layers.
 
+``match_only`` (a warm-up): the loss is the prompt term alone, and the student too runs only
+the matched layers, so a step costs a fraction of a full one; the merged positions move
+towards the plain prompt's states before the task is learnt on top of them.
+
 With ``cache`` the teacher's outputs are kept per (prompt, answer), in float16 on the CPU, so
 a training set seen several times (``--n-train``) pays for each teacher forward once. Memory:
 examples x answer tokens x (vocab + layers x hidden) x 2 bytes.
@@ -117,16 +121,21 @@ class Distiller:
                 )
 
     def _teacher_forward(
-        self, student: KMergeModel, prompts: Sequence[str], answers: Sequence[str]
+        self,
+        student: KMergeModel,
+        prompts: Sequence[str],
+        answers: Sequence[str],
+        match_only: bool = False,
     ) -> list[TeacherStates]:
         """The teacher's states at each example's answer positions (and, with a prompt weight,
-        at every prompt token), one entry per example."""
-        layers = self.hidden_weight > 0
+        at every prompt token), one entry per example. ``match_only``: only the prompt states
+        are needed (the logits that come out are meaningless)."""
+        layers = self.hidden_weight > 0 and not match_only
         model = self.model if self.model is not None else student
         with torch.no_grad(), contextlib.ExitStack() as stack:
             if self.model is None:
                 stack.enter_context(student.peft_model.disable_adapter())
-            if self.prompt_layers and not (self.kl_weight or layers):  # the rest is unused
+            if self.prompt_layers and (match_only or not (self.kl_weight or layers)):  # unused
                 # one layer more than matched: the decoder's last hidden state comes normed
                 stack.enter_context(first_decoder_layers(model.lm, self.prompt_layers + 1))
             batch = model.prepare(prompts, answers, k=1)
@@ -151,12 +160,17 @@ class Distiller:
         ]
 
     def _teacher_states(
-        self, student: KMergeModel, prompts: Sequence[str], answers: Sequence[str]
+        self,
+        student: KMergeModel,
+        prompts: Sequence[str],
+        answers: Sequence[str],
+        match_only: bool = False,
     ) -> list[TeacherStates]:
         """The teacher's states per example, in batch order (from the cache where it has
-        them: one forward for the examples it has not seen)."""
-        if self.cache is None:
-            per_example = self._teacher_forward(student, prompts, answers)
+        them: one forward for the examples it has not seen). A match-only step's states are
+        partial: they are not cached."""
+        if self.cache is None or match_only:
+            per_example = self._teacher_forward(student, prompts, answers, match_only)
         else:
             keys = list(zip(prompts, answers))
             missing = [i for i, key in enumerate(keys) if key not in self.cache]
@@ -178,14 +192,27 @@ class Distiller:
         answers: Sequence[str],
         k: int | None = None,
         protect: Sequence[Sequence[tuple[int, int]]] | None = None,
+        match_only: bool = False,
     ) -> DistillResult:
+        if match_only and not (self.prompt_weight and self.prompt_layers):
+            raise KMergeConfigError(
+                "a match-only step needs the prompt term over the first N layers: "
+                "prompt_weight > 0 and prompt_layers > 0"
+            )
         started = time.perf_counter()
-        per_example = self._teacher_states(student, prompts, answers)
+        per_example = self._teacher_states(student, prompts, answers, match_only)
         teacher_seconds = time.perf_counter() - started
         batch = student.prepare(prompts, answers, k=k, protect=protect)
         positions = self._aligned_positions(batch, per_example) if self.prompt_weight else None
-        own = student.answer_states(batch, self.hidden_weight > 0, positions)
-        loss = own.output.focal_loss(self.focal_gamma)
+        if match_only:
+            # one layer more than matched, as the teacher's: the last hidden state comes normed
+            with first_decoder_layers(student.lm, self.prompt_layers + 1):
+                own = student.answer_states(batch, False, positions)
+            # the answer's cross-entropy read off a cut decoder means nothing: left out
+            loss = torch.zeros((), device=own.logits.device)
+        else:
+            own = student.answer_states(batch, self.hidden_weight > 0, positions)
+            loss = own.output.focal_loss(self.focal_gamma)
         kl = hidden = prompt = torch.zeros((), device=loss.device)
         if self.prompt_weight and any(positions):
             # the teacher's state at the last token of each aligned block
@@ -198,6 +225,8 @@ class Distiller:
             ]  # fmt: skip
             prompt = normalised_distance(own.prompt_hidden[: len(targets)], targets)
             loss = loss + self.prompt_weight * prompt
+        if match_only:
+            return DistillResult(own.output, loss, 0.0, 0.0, teacher_seconds, float(prompt.detach()))
         teacher = TeacherStates(
             torch.cat([s.logits for s in per_example]),
             [torch.cat(layer) for layer in zip(*(s.hidden for s in per_example))]

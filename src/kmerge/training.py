@@ -168,6 +168,15 @@ class TrainConfig:
         minimum=0,
         requires="distill_prompt_weight",
     )
+    distill_match_warmup: float = option(
+        0.0,
+        "the first share of the run (of its steps or time budget) trains only the prompt match, "
+        "the student running only the matched layers (a cheaper step): merged positions move "
+        "towards the plain prompt's states before the task is learnt",
+        minimum=0.0,
+        maximum=1.0,
+        requires="teacher",
+    )
     distill_cache: bool = option(
         False,
         "keep the teacher's outputs per training example (float16, CPU memory): for a training "
@@ -232,6 +241,15 @@ class TrainConfig:
                         f"k_choices: every K must be an integer in 1..{self.model.k} (the "
                         f"model's K), got {k!r}"
                     )
+        if self.distill_match_warmup == 1.0:
+            raise KMergeConfigError("distill_match_warmup must be below 1: 1 leaves no task steps")
+        if self.distill_match_warmup and not (
+            self.teacher and self.distill_prompt_weight and self.distill_prompt_layers
+        ):
+            raise KMergeConfigError(
+                "distill_match_warmup trains the prompt match over the first N layers: it needs "
+                "a teacher, distill_prompt_weight > 0 and distill_prompt_layers > 0"
+            )
         for name in ("reconstruct_share", "reconstruct_warmup"):
             if getattr(self, name) == 1.0:
                 raise KMergeConfigError(f"{name} must be below 1: 1 leaves no task steps")
@@ -416,6 +434,7 @@ class Progress:
     epoch_rng: str | None = None  # the shuffling generator's state when the epoch began
     window: list[float] = field(default_factory=list)  # losses since the last log record
     reconstruct_window: list[float] = field(default_factory=list)  # ... of reconstruction steps
+    match_window: list[float] = field(default_factory=list)  # ... of match-only warm-up steps
     elapsed: float = 0.0  # wall seconds up to the last checkpoint, evaluation included
     eval_seconds: float = 0.0
     train_seconds: float = 0.0  # optimisation only, on the budget's clock (wall or cpu)
@@ -425,7 +444,7 @@ class Progress:
 
     def next_stage(self) -> None:
         self.stage_index, self.stage_step, self.window = self.stage_index + 1, 0, []
-        self.reconstruct_window = []
+        self.reconstruct_window, self.match_window = [], []
         self.epoch, self.batches_done, self.epoch_rng = 0, 0, None
 
 
@@ -652,14 +671,18 @@ class _Trainer:
         while True:
             started = _clock(cfg.budget_clock)
             reconstruct = self._reconstruct_step()
-            loss = self._optimizer_step(batches, stage, reconstruct)
+            match_only = not reconstruct and self._match_step()
+            loss = self._optimizer_step(batches, stage, reconstruct, match_only)
             spent = _clock(cfg.budget_clock) - started
             p.train_seconds += spent
             p.step, p.stage_step = p.step + 1, p.stage_step + 1
             # never past the budget: tqdm drops a total that n overshoots, and the bar's
             # format needs it
             self.bar.update(min(spent, self.bar.total - self.bar.n) if cfg.time_budget else 1)
-            (p.reconstruct_window if reconstruct else p.window).append(loss)
+            window = p.window
+            if reconstruct or match_only:
+                window = p.reconstruct_window if reconstruct else p.match_window
+            window.append(loss)
             self._log_loss(stage)
             done = p.stage_step == cfg.steps or self._out_of_time()
             if data.held_out and (p.step % cfg.eval_every == 0 or done):
@@ -689,6 +712,13 @@ class _Trainer:
         if run_fraction(cfg, p.step, total, p) < cfg.reconstruct_warmup:
             return True
         return is_reconstruction_step(p.step, cfg.reconstruct_share)
+
+    def _match_step(self) -> bool:
+        """Whether this optimizer step trains only the prompt match (its warm-up share)."""
+        cfg, p = self.cfg, self.progress
+        if self.distiller is None:
+            return False
+        return run_fraction(cfg, p.step, cfg.steps * len(self.stages), p) < cfg.distill_match_warmup
 
     def _step_k(self) -> int | None:
         """The K of this optimizer step: from k_choices, drawn (seeded by the step, so a resumed
@@ -732,11 +762,16 @@ class _Trainer:
             p.epoch, p.batches_done, p.epoch_rng = p.epoch + 1, 0, None
 
     def _optimizer_step(
-        self, batches: Iterator[list[Example]], stage: str, reconstruct: bool = False
+        self,
+        batches: Iterator[list[Example]],
+        stage: str,
+        reconstruct: bool = False,
+        match_only: bool = False,
     ) -> float:
         """One optimizer step over ``grad_accum`` micro-batches; returns the loss averaged over
         the micro-batches and the processes (what one process with the whole batch logs).
-        ``reconstruct``: the batch's prompts are to be repeated instead of answered."""
+        ``reconstruct``: the batch's prompts are to be repeated instead of answered;
+        ``match_only``: the step trains only the distiller's prompt match."""
         acc, cfg = self.accelerator, self.cfg
         step_loss = 0.0
         k = self._step_k()
@@ -750,7 +785,9 @@ class _Trainer:
                 try:
                     if self.distiller is not None and not reconstruct:
                         model = acc.unwrap_model(self.model)
-                        result = self.distiller(model, prompts, answers, k, protect)
+                        result = self.distiller(
+                            model, prompts, answers, k, protect, match_only=match_only
+                        )
                         self.progress.teacher_seconds += result.teacher_seconds
                         self.last_distill = {  # floats only: no autograd graph kept
                             "distill_kl": result.kl, "distill_hidden": result.hidden,
@@ -802,6 +839,8 @@ class _Trainer:
                 self.bar.set_postfix(loss=f"{record['loss']:.3f}", stage=stage)
             if p.reconstruct_window:
                 record["reconstruct_loss"] = sum(p.reconstruct_window) / len(p.reconstruct_window)
+            if p.match_window:  # the weighted distance of match-only steps: not a task loss
+                record["match_loss"] = sum(p.match_window) / len(p.match_window)
             self.log(
                 {
                     **record, "lr": self.scheduler.get_last_lr()[0],
@@ -809,7 +848,7 @@ class _Trainer:
                     **(self._teacher_record() if self.distiller else {}),
                 }
             )  # fmt: skip
-            p.window, p.reconstruct_window = [], []
+            p.window, p.reconstruct_window, p.match_window = [], [], []
 
     def _evaluate(self, data: TaskData, stage: str) -> dict:
         """Held-out metrics (every process evaluates a shard), logged."""
