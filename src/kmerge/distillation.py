@@ -226,7 +226,8 @@ class Distiller:
             prompt = normalised_distance(own.prompt_hidden[: len(targets)], targets)
             loss = loss + self.prompt_weight * prompt
         if match_only:
-            return DistillResult(own.output, loss, 0.0, 0.0, teacher_seconds, float(prompt.detach()))
+            matched = float(prompt.detach())
+            return DistillResult(own.output, loss, 0.0, 0.0, teacher_seconds, matched)
         teacher = TeacherStates(
             torch.cat([s.logits for s in per_example]),
             [torch.cat(layer) for layer in zip(*(s.hidden for s in per_example))]
