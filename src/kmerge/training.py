@@ -679,10 +679,10 @@ class _Trainer:
             # never past the budget: tqdm drops a total that n overshoots, and the bar's
             # format needs it
             self.bar.update(min(spent, self.bar.total - self.bar.n) if cfg.time_budget else 1)
-            window = p.window
-            if reconstruct or match_only:
-                window = p.reconstruct_window if reconstruct else p.match_window
-            window.append(loss)
+            if reconstruct:
+                p.reconstruct_window.append(loss)
+            else:
+                (p.match_window if match_only else p.window).append(loss)
             self._log_loss(stage)
             done = p.stage_step == cfg.steps or self._out_of_time()
             if data.held_out and (p.step % cfg.eval_every == 0 or done):
@@ -704,21 +704,21 @@ class _Trainer:
             spent = self.accelerator.gather(spent)
         return bool(spent.max() >= budget)
 
+    def _done(self) -> float:
+        """The share of the whole run (every stage) done: of its steps, or of its time budget."""
+        p = self.progress
+        return run_fraction(self.cfg, p.step, self.cfg.steps * len(self.stages), p)
+
     def _reconstruct_step(self) -> bool:
         """Whether this optimizer step repeats the merged prompt instead of answering: every
         step of the warm-up share of the run, then ``reconstruct_share`` of the steps."""
-        cfg, p = self.cfg, self.progress
-        total = cfg.steps * len(self.stages)
-        if run_fraction(cfg, p.step, total, p) < cfg.reconstruct_warmup:
+        if self._done() < self.cfg.reconstruct_warmup:
             return True
-        return is_reconstruction_step(p.step, cfg.reconstruct_share)
+        return is_reconstruction_step(self.progress.step, self.cfg.reconstruct_share)
 
     def _match_step(self) -> bool:
         """Whether this optimizer step trains only the prompt match (its warm-up share)."""
-        cfg, p = self.cfg, self.progress
-        if self.distiller is None:
-            return False
-        return run_fraction(cfg, p.step, cfg.steps * len(self.stages), p) < cfg.distill_match_warmup
+        return self.distiller is not None and self._done() < self.cfg.distill_match_warmup
 
     def _step_k(self) -> int | None:
         """The K of this optimizer step: from k_choices, drawn (seeded by the step, so a resumed
@@ -727,8 +727,7 @@ class _Trainer:
         if not choices:
             return None
         if self.cfg.k_order == "schedule":
-            done = run_fraction(self.cfg, p.step, self.cfg.steps * len(self.stages), p)
-            return choices[min(len(choices) - 1, int(done * len(choices)))]
+            return choices[min(len(choices) - 1, int(self._done() * len(choices)))]
         return random.Random(f"{self.cfg.seed}-k-{p.step}").choice(choices)
 
     def _batches(self, examples: list[Example]) -> Iterator[list[Example]]:
