@@ -120,6 +120,11 @@ class Distiller:
                     f"teacher {teacher} was trained on another base model than the student's"
                 )
 
+    def _matched_layers_only(self, model: KMergeModel):
+        """Inside the block ``model``'s decoder runs only the layers the prompt term needs: one
+        more than matched, since the decoder's last hidden state comes normed."""
+        return first_decoder_layers(model.lm, self.prompt_layers + 1)
+
     def _teacher_forward(
         self,
         student: KMergeModel,
@@ -136,8 +141,7 @@ class Distiller:
             if self.model is None:
                 stack.enter_context(student.peft_model.disable_adapter())
             if self.prompt_layers and (match_only or not (self.kl_weight or layers)):  # unused
-                # one layer more than matched: the decoder's last hidden state comes normed
-                stack.enter_context(first_decoder_layers(model.lm, self.prompt_layers + 1))
+                stack.enter_context(self._matched_layers_only(model))
             batch = model.prepare(prompts, answers, k=1)
             every_token = [range(len(ends)) for ends in batch.block_ends]
             states = model.answer_states(batch, layers, every_token if self.prompt_weight else None)
@@ -205,8 +209,7 @@ class Distiller:
         batch = student.prepare(prompts, answers, k=k, protect=protect)
         positions = self._aligned_positions(batch, per_example) if self.prompt_weight else None
         if match_only:
-            # one layer more than matched, as the teacher's: the last hidden state comes normed
-            with first_decoder_layers(student.lm, self.prompt_layers + 1):
+            with self._matched_layers_only(student):
                 own = student.answer_states(batch, False, positions)
             # the answer's cross-entropy read off a cut decoder means nothing: left out
             loss = torch.zeros((), device=own.logits.device)
