@@ -356,3 +356,13 @@ def test_late_merge_bound_hides_tokens_that_end_no_block(late_merge_bound, tiny_
     for layers, same in ((0, True), (1, False)):
         a, b = (_answer_losses(late_merge_bound, model, layers, [p], ["x"]) for p in (base, edited))
         assert torch.allclose(a, b, atol=1e-6) == same
+
+
+def test_bf16_benchmark_times_two_kernels_of_the_same_attention():
+    """The eager kernel it times against SDPA computes the same causal attention."""
+    bf16_cpu = load_script("bf16_cpu")
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 5, 8, generator=g) for _ in range(3))
+    eager, sdpa = bf16_cpu.eager_attention(q, k, v), bf16_cpu.sdpa_attention(q, k, v)
+    torch.testing.assert_close(eager, sdpa, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(eager[..., 0, :], v[..., 0, :])  # causal: the first sees itself

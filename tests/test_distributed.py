@@ -169,6 +169,22 @@ def test_bf16_mixed_precision_trains_and_is_recorded(tiny_dir, tmp_path):
     assert state["run"]["mixed_precision"] == "bf16"
 
 
+def test_bf16_reaches_the_distillers_forward_passes(tiny_dir, tmp_path):
+    """With a teacher the trainer calls the unwrapped model, whose forward accelerate does not
+    wrap in autocast: the first step's losses (same weights, same batch) must still come out
+    of bf16 arithmetic, near the fp32 ones but not equal to them."""
+    first = {}
+    for precision in ("no", "bf16"):
+        out, log = tmp_path / precision, tmp_path / f"{precision}.log"
+        extra = ("--teacher", "base", "--distill-prompt-weight", "1", "--mixed-precision")
+        argv = train_args(tiny_dir, out, 4, *extra, precision)
+        assert kmerge_process.run(argv, log) == 0, log.read_text()[-3000:]
+        first[precision] = records(out, "loss")[0]
+    for key in ("loss", "distill_prompt"):
+        fp32, bf16 = first["no"][key], first["bf16"][key]
+        assert bf16 != fp32 and bf16 == pytest.approx(fp32, rel=0.05), (key, fp32, bf16)
+
+
 def train_counting_layer_calls(model, cfg) -> tuple[list[torch.Tensor], int]:
     """Train; return the trained weights and how often the first layer's MLP ran in training
     mode (evaluation runs it too, in eval mode). The MLP's forward is wrapped: module hooks do

@@ -219,7 +219,9 @@ class TrainConfig:
         "a non-empty output dir is refused unless --resume continues an interrupted run",
     )
     mixed_precision: Literal["no", "fp16", "bf16"] | None = option(
-        None, "for GPUs (default: what the accelerate launch/config says, else no)"
+        None,
+        "autocast precision; bf16 pays on GPUs and on CPUs with native bf16, AVX512-BF16 or "
+        "AMX (benchmarks/bf16_cpu.py) (default: what the accelerate launch/config says, else no)",
     )
     gradient_checkpointing: bool = option(False, "recompute activations in backward: less memory")
 
@@ -469,6 +471,10 @@ def train(cfg: TrainConfig, model: KMergeModel | None = None) -> TrainResult:
             "the model's LoRA is merged into its base weights (merge_lora), so LoRA would get "
             "no gradient: call model.unmerge_lora() before training"
         )
+    if accelerator.mixed_precision == "bf16" and accelerator.device.type == "cpu":
+        # PyTorch's CPU flash-attention backward is ~6x slower in bf16 than in fp32 at these
+        # lengths (benchmarks/bf16_cpu.py); the eager kernel is not
+        model.lm.set_attn_implementation("eager")
     if cfg.gradient_checkpointing:
         # Non-reentrant checkpointing also works when no input requires grad (K=1, frozen
         # encoder): the inputs are embeddings, not token ids.
@@ -779,27 +785,8 @@ class _Trainer:
             if reconstruct:
                 batch = [reconstruction_example(e) for e in batch]
             with acc.accumulate(self.model):
-                prompts, answers = [e.prompt for e in batch], [e.answer for e in batch]
-                protect = example_protect_spans(batch)
                 try:
-                    if self.distiller is not None and not reconstruct:
-                        model = acc.unwrap_model(self.model)
-                        result = self.distiller(
-                            model, prompts, answers, k, protect, match_only=match_only
-                        )
-                        self.progress.teacher_seconds += result.teacher_seconds
-                        self.last_distill = {  # floats only: no autograd graph kept
-                            "distill_kl": result.kl, "distill_hidden": result.hidden,
-                            "distill_prompt": result.prompt_hidden,
-                        }  # fmt: skip
-                        total = result.loss
-                    else:
-                        options = {"k": k} if k else {}
-                        if protect:
-                            options["protect"] = protect
-                        output = self.model(prompts, answers, **options)
-                        # reconstruction steps keep plain cross-entropy: every token is a target
-                        total = output.loss if reconstruct else output.focal_loss(cfg.focal_gamma)
+                    total = self._loss(batch, k, reconstruct, match_only)
                 except KMergeDataError as err:  # e.g. a prompt too long: name its row
                     raise name_example(err, batch) from None
                 loss = acc.reduce(total.detach(), "mean").item()  # the same on every process
@@ -814,6 +801,31 @@ class _Trainer:
                 self.optimizer.zero_grad()
             step_loss += loss / cfg.grad_accum
         return step_loss
+
+    def _loss(
+        self, batch: list[Example], k: int | None, reconstruct: bool, match_only: bool
+    ) -> torch.Tensor:
+        """The loss of one micro-batch, its forward passes (student and any teacher) under the
+        run's mixed precision: autocast here, because the distiller calls the unwrapped model,
+        whose forward accelerate does not wrap."""
+        prompts, answers = [e.prompt for e in batch], [e.answer for e in batch]
+        protect = example_protect_spans(batch)
+        with self.accelerator.autocast():
+            if self.distiller is not None and not reconstruct:
+                model = self.accelerator.unwrap_model(self.model)
+                result = self.distiller(model, prompts, answers, k, protect, match_only=match_only)
+                self.progress.teacher_seconds += result.teacher_seconds
+                self.last_distill = {  # floats only: no autograd graph kept
+                    "distill_kl": result.kl, "distill_hidden": result.hidden,
+                    "distill_prompt": result.prompt_hidden,
+                }  # fmt: skip
+                return result.loss
+            options = {"k": k} if k else {}
+            if protect:
+                options["protect"] = protect
+            output = self.model(prompts, answers, **options)
+            # reconstruction steps keep plain cross-entropy: every token is a target
+            return output.loss if reconstruct else output.focal_loss(self.cfg.focal_gamma)
 
     def _non_finite_message(self, loss: float, stage: str) -> str:
         latest = self.checkpoints.latest
