@@ -1,18 +1,22 @@
-"""The demo recipe on a tiny local model: same settings for every K, a table, a JSON file."""
+"""The demo recipe on a tiny local model: the same settings for every K (K=4 adds the merged
+recipe), a table, a JSON file."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
-from kmerge.demo import demo_configs, run_demo
+from kmerge.demo import MERGED_RECIPE, demo_configs, run_demo
 
 
-def test_demo_configs_differ_only_in_k():
-    a, b = demo_configs((1, 4))
-    assert (a.model.k, b.model.k) == (1, 4)
+def test_demo_configs_differ_only_in_k_and_the_merged_recipe():
+    a, b = demo_configs((1, 4), n_eval=64)
+    assert (a.model.k, b.model.k) == (1, 4) and (a.n_eval, b.n_eval) == (64, 64)
+    assert a.teacher is None and a.lr == 3e-4  # K=1: no teacher, its own measured lr
+    assert {name: getattr(b, name) for name in MERGED_RECIPE} == MERGED_RECIPE
     a.model.k = b.model.k
     a.model.base_fingerprint = b.model.base_fingerprint
-    assert a == b
+    assert dataclasses.replace(a, **MERGED_RECIPE) == b
 
 
 def test_run_demo_writes_table_and_json(tmp_path, tiny_dir, capsys):

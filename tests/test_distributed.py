@@ -16,9 +16,10 @@ import torch
 from accelerate.commands.config.config_args import load_config_from_file
 from accelerate.utils import DistributedType
 
+from kmerge import distributed
 from kmerge.checkpointing import read_state
 from kmerge.cli import main
-from kmerge.distributed import check_sharding
+from kmerge.distributed import check_sharding, resolve_mixed_precision
 from kmerge.errors import KMergeConfigError
 from kmerge.evaluation import merge_shards, shard_indices
 from kmerge.modeling import KMergeModel
@@ -167,6 +168,19 @@ def test_bf16_mixed_precision_trains_and_is_recorded(tiny_dir, tmp_path):
     assert all(math.isfinite(r["loss"]) for r in records(out, "loss"))
     state = read_state(out / "checkpoints" / "step-00000004")
     assert state["run"]["mixed_precision"] == "bf16"
+
+
+CPU_BF16 = [(True, False, "bf16"), (False, True, "bf16"), (False, False, "no")]
+
+
+@pytest.mark.parametrize("avx512_bf16, amx, expected", CPU_BF16)
+def test_auto_precision_is_bf16_only_on_a_cpu_that_has_it(monkeypatch, avx512_bf16, amx, expected):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(distributed, "gpu_available", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    assert resolve_mixed_precision("auto") == expected
+    assert [resolve_mixed_precision(p) for p in ("no", "bf16", None)] == ["no", "bf16", None]
 
 
 def test_bf16_reaches_the_distillers_forward_passes(tiny_dir, tmp_path):

@@ -14,9 +14,29 @@ from accelerate.utils import DistributedType
 from kmerge.errors import KMergeConfigError
 
 
+def native_bf16() -> bool:
+    """Whether this machine computes in bf16 natively: a CUDA GPU that supports it, else a CPU
+    with AVX512-BF16 or AMX (other CPUs emulate bf16, slower than fp32). Other accelerators: no,
+    not known here."""
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    if gpu_available():
+        return False
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
+def resolve_mixed_precision(requested: str | None) -> str | None:
+    """``auto``: bf16 where this machine computes it natively (``native_bf16``), else no."""
+    if requested != "auto":
+        return requested
+    return "bf16" if native_bf16() else "no"
+
+
 def make_accelerator(mixed_precision: str | None, grad_accum: int, batch_size: int) -> Accelerator:
     """The Accelerator of this process (one of a launch, or alone), checked: a launch that
-    accelerate did not set up as one, or a sharding engine kmerge does not drive, is refused."""
+    accelerate did not set up as one, or a sharding engine kmerge does not drive, is refused.
+    ``mixed_precision="auto"``: see ``resolve_mixed_precision``."""
+    mixed_precision = resolve_mixed_precision(mixed_precision)
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     # Without a GPU, accelerate runs the processes of a multi-process launch as unrelated single
     # processes unless told to use the CPU; then they train together over gloo.

@@ -218,10 +218,11 @@ class TrainConfig:
         "replace what the output dir holds (a finished run, another run's files); without it "
         "a non-empty output dir is refused unless --resume continues an interrupted run",
     )
-    mixed_precision: Literal["no", "fp16", "bf16"] | None = option(
+    mixed_precision: Literal["no", "fp16", "bf16", "auto"] | None = option(
         None,
         "autocast precision; bf16 pays on GPUs and on CPUs with native bf16, AVX512-BF16 or "
-        "AMX (benchmarks/bf16_cpu.py) (default: what the accelerate launch/config says, else no)",
+        "AMX (benchmarks/bf16_cpu.py); auto: bf16 where native, else no (default: what the "
+        "accelerate launch/config says, else no)",
     )
     gradient_checkpointing: bool = option(False, "recompute activations in backward: less memory")
 
