@@ -77,8 +77,11 @@ def train_steps(precision: str, steps: int, base_model: str) -> dict:
         argv = ["train", *RECIPE, "--steps", steps, "--eval-every", steps + 1, "--base-model",
                 base_model, "--mixed-precision", precision, "--output-dir", out]  # fmt: skip
         env = os.environ | {"HF_HUB_OFFLINE": "1"}
-        subprocess.run([sys.executable, "-m", "kmerge", *map(str, argv)], check=True, env=env,
-                       stdout=subprocess.DEVNULL)  # fmt: skip
+        done = subprocess.run([sys.executable, "-m", "kmerge", *map(str, argv)], env=env,
+                              capture_output=True, text=True)  # fmt: skip
+        if done.returncode:
+            raise SystemExit(f"kmerge train --mixed-precision {precision} failed:\n"
+                             f"{done.stderr[-3000:]}")  # fmt: skip
         result = json.loads((out / "results.json").read_text())
         rows = map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
         first = next(r for r in rows if "loss" in r)
