@@ -32,7 +32,7 @@ COLUMNS = (
 # What `make demo` runs: 600 CPU seconds of training for each K, the two runs side by side on
 # one thread each (CPU time of the process: fair when other work shares the machine).
 # Segment-aligned blocks: the steadiest K=4 layout at equal time over two seeds (quality.md).
-# bf16 where the machine computes it natively (about 1.6x the steps per CPU-second here).
+# bf16 where the machine computes it natively (1.5-1.9x the steps per CPU-second here).
 DEMO_SETTINGS = dict(
     stage="small", steps=5000, time_budget=600.0, budget_clock="cpu", batch_size=32, lr=3e-4,
     n_eval=256, eval_every=50, mixed_precision="auto",
