@@ -473,7 +473,7 @@ def train(cfg: TrainConfig, model: KMergeModel | None = None) -> TrainResult:
             "no gradient: call model.unmerge_lora() before training"
         )
     if accelerator.mixed_precision == "bf16" and accelerator.device.type == "cpu":
-        # PyTorch's CPU flash-attention backward is ~6x slower in bf16 than in fp32 at these
+        # PyTorch's CPU flash-attention backward is ~5x slower in bf16 than in fp32 at these
         # lengths (benchmarks/bf16_cpu.py); the eager kernel is not
         model.lm.set_attn_implementation("eager")
     if cfg.gradient_checkpointing:
