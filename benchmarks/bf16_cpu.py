@@ -102,7 +102,10 @@ def main() -> None:
           f"CPU capability {torch.backends.cpu.get_cpu_capability()}\n")  # fmt: skip
     shape = (args.batch, args.heads, args.positions, args.head_dim)
     print(attention_table(shape, args.repeats), "\n")
-    runs = {p: train_steps(p, args.steps, args.base_model) for p in ("no", "bf16")}
+    runs = {
+        precision: train_steps(precision, args.steps, args.base_model)
+        for precision in ("no", "bf16")
+    }
     rows = [[precision, f"{r['per_step']:.2f}", f"{runs['no']['per_step'] / r['per_step']:.2f}x",
              f"{r['first_loss']:.4f}"] for precision, r in runs.items()]  # fmt: skip
     print(markdown_table(["mixed precision", "s/step", "speed-up", "first step's loss"], rows))
