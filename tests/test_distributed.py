@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -180,7 +181,13 @@ def test_auto_precision_is_bf16_only_on_a_cpu_that_has_it(monkeypatch, avx512_bf
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
     assert resolve_mixed_precision("auto") == expected
-    assert [resolve_mixed_precision(p) for p in ("no", "bf16", None)] == ["no", "bf16", None]
+    assert [resolve_mixed_precision(p) for p in ("no", None)] == ["no", None]
+    # An explicit bf16 is kept either way, with a warning only where it would be emulated.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert resolve_mixed_precision("bf16") == "bf16"
+    warned = [w for w in caught if "without native bf16" in str(w.message)]
+    assert len(warned) == (0 if expected == "bf16" else 1)
 
 
 def test_bf16_reaches_the_distillers_forward_passes(tiny_dir, tmp_path):

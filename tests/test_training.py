@@ -6,13 +6,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from kmerge.errors import KMergeConfigError, KMergeDataError
 from kmerge.modeling import KMergeConfig, KMergeModel
-from kmerge.training import TrainConfig, load_data, make_optimizer, train
+from kmerge.training import TrainConfig, load_data, make_optimizer, train, training_attention
 from tests.kmerge_process import assert_same_weights
 
 
@@ -230,3 +231,16 @@ def test_group_by_a_field_the_examples_lack_is_named(tiny_model, tmp_path):
     message = r"group_by='review': training example 0 has no meta field 'review' \(its fields: "
     with pytest.raises(KMergeDataError, match=message + r"child, parent, stage, tree\)"):
         train(small_run(tmp_path, group_by="review"), model=tiny_model(4))
+
+
+def test_bf16_on_the_cpu_trains_with_eager_attention_and_gives_the_kernel_back(tiny_model):
+    model = tiny_model(4)
+    model.lm.set_attn_implementation("sdpa")
+    during = {}
+    for precision in ("no", "bf16"):
+        accelerator = SimpleNamespace(mixed_precision=precision, device=torch.device("cpu"))
+        with pytest.raises(KeyboardInterrupt), training_attention(model, accelerator):
+            during[precision] = model.lm.config._attn_implementation
+            raise KeyboardInterrupt  # an interrupted run gives it back too
+        assert model.lm.config._attn_implementation == "sdpa"
+    assert during == {"no": "sdpa", "bf16": "eager"}

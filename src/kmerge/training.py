@@ -472,10 +472,6 @@ def train(cfg: TrainConfig, model: KMergeModel | None = None) -> TrainResult:
             "the model's LoRA is merged into its base weights (merge_lora), so LoRA would get "
             "no gradient: call model.unmerge_lora() before training"
         )
-    if accelerator.mixed_precision == "bf16" and accelerator.device.type == "cpu":
-        # PyTorch's CPU flash-attention backward is ~5x slower in bf16 than in fp32 at these
-        # lengths (benchmarks/bf16_cpu.py); the eager kernel is not
-        model.lm.set_attn_implementation("eager")
     if cfg.gradient_checkpointing:
         # Non-reentrant checkpointing also works when no input requires grad (K=1, frozen
         # encoder): the inputs are embeddings, not token ids.
@@ -503,6 +499,7 @@ def train(cfg: TrainConfig, model: KMergeModel | None = None) -> TrainResult:
             cfg.distill_hidden_weight, cfg.distill_cache, cfg.distill_prompt_weight,
             cfg.distill_prompt_layers, focal_gamma=cfg.focal_gamma,
         )  # fmt: skip
+    model_to_train = model
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     store_model_as_adapter(accelerator)
     trainer = _Trainer(cfg, accelerator, model, optimizer, scheduler, out_dir)
@@ -514,7 +511,8 @@ def train(cfg: TrainConfig, model: KMergeModel | None = None) -> TrainResult:
         accelerator.wait_for_everyone()  # every process has checked the directory: now write
         if accelerator.is_main_process:
             _start_output(cfg, out_dir)
-    trainer.run()
+    with training_attention(model_to_train, accelerator):
+        trainer.run()
     progress = trainer.progress
     train_seconds = progress.train_seconds  # optimisation time only
     accelerator.wait_for_everyone()
@@ -523,6 +521,20 @@ def train(cfg: TrainConfig, model: KMergeModel | None = None) -> TrainResult:
     model = accelerator.unwrap_model(model)  # with FSDP its weights stay shards
     model.eval()
     return TrainResult(model, trainer.history, train_seconds, progress.step, progress.final_eval)
+
+
+@contextlib.contextmanager
+def training_attention(model: KMergeModel, accelerator: Accelerator) -> Iterator[None]:
+    """The attention kernel to train with, and the model's own back afterwards: eager for bf16
+    on the CPU, where PyTorch's flash-attention (SDPA) backward is ~5x slower than in fp32 at
+    these lengths (benchmarks/bf16_cpu.py) and the eager kernel is not."""
+    own = model.lm.config._attn_implementation
+    if accelerator.mixed_precision == "bf16" and accelerator.device.type == "cpu":
+        model.lm.set_attn_implementation("eager")
+    try:
+        yield
+    finally:
+        model.lm.set_attn_implementation(own)
 
 
 def warm_start(model: KMergeModel, checkpoint: str | Path) -> None:
