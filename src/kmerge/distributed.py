@@ -28,12 +28,11 @@ def native_bf16() -> bool:
 
 def resolve_mixed_precision(requested: str | None) -> str | None:
     """``auto``: bf16 where this machine computes it natively (``native_bf16``), else no. An
-    explicit bf16 on a machine without it is kept, with a warning: it runs, but slower."""
-    if requested == "bf16" and not native_bf16():
+    explicit bf16 on a CPU without it is kept, with a warning: it runs, but slower."""
+    if requested == "bf16" and not gpu_available() and not native_bf16():
         warnings.warn(
-            "mixed_precision='bf16' on a machine without native bf16 (no AVX512-BF16 or AMX on "
-            "this CPU, or a GPU without bf16): it is emulated, slower than fp32; "
-            "'auto' picks bf16 only where it is native",
+            "mixed_precision='bf16' on a CPU without native bf16 (no AVX512-BF16 or AMX): it "
+            "is emulated, slower than fp32; 'auto' picks bf16 only where it is native",
             stacklevel=2,
         )
     if requested != "auto":
