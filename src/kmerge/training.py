@@ -499,7 +499,6 @@ def train(cfg: TrainConfig, model: KMergeModel | None = None) -> TrainResult:
             cfg.distill_hidden_weight, cfg.distill_cache, cfg.distill_prompt_weight,
             cfg.distill_prompt_layers, focal_gamma=cfg.focal_gamma,
         )  # fmt: skip
-    model_to_train = model
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     store_model_as_adapter(accelerator)
     trainer = _Trainer(cfg, accelerator, model, optimizer, scheduler, out_dir)
@@ -511,7 +510,7 @@ def train(cfg: TrainConfig, model: KMergeModel | None = None) -> TrainResult:
         accelerator.wait_for_everyone()  # every process has checked the directory: now write
         if accelerator.is_main_process:
             _start_output(cfg, out_dir)
-    with training_attention(model_to_train, accelerator):
+    with training_attention(accelerator.unwrap_model(model), accelerator):
         trainer.run()
     progress = trainer.progress
     train_seconds = progress.train_seconds  # optimisation time only
