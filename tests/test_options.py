@@ -71,8 +71,10 @@ def test_pareto_flags_make_the_sweep(monkeypatch):
     seen = {}
     monkeypatch.setattr("kmerge.pareto.run_sweep", lambda sweep: seen.setdefault("s", sweep))
     main(["pareto", "--methods", "kmerge,random_drop", "--ratios", "2,4", "--seeds", "0,1",
-          "--no-tune", "--steps", "9", "--n-train", "16", "--output-dir", "out"])  # fmt: skip
+          "--no-tune", "--steps", "9", "--n-train", "16", "--output-dir", "out",
+          "--time-budget", "30", "--budget-clock", "cpu"])  # fmt: skip
     sweep = seen["s"]
+    assert (sweep.train.time_budget, sweep.train.budget_clock) == (30.0, "cpu")
     assert sweep.methods == ["kmerge", "random_drop"] and sweep.ratios == [2.0, 4.0]
     assert sweep.seeds == [0, 1] and sweep.tune is False and sweep.output_dir == "out"
     assert sweep.train.steps == sweep.train.eval_every == 9 and sweep.train.n_train == 16

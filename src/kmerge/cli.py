@@ -30,8 +30,9 @@ PROTECT_FIELDS = ("protect_pattern", "protect_last", "protect_surprising")
 # What each subcommand takes of TrainConfig: the data to read (eval) and the sweep's budget.
 DATA_FIELDS = ("task", "stage", "seed", "n_eval", "max_prompt_tokens")
 # (a sweep's seeds are its own --seeds)
+# time_budget: every point gets the same training time (issue 11 judges methods at equal time).
 SWEEP_FIELDS = ("task", "stage", "n_eval", "max_prompt_tokens", "n_train", "steps", "batch_size",
-                "lr", "warmup_steps")  # fmt: skip
+                "lr", "warmup_steps", "time_budget", "budget_clock")  # fmt: skip
 
 
 def _add_model_args(p: argparse.ArgumentParser, *, for_checkpoint: bool = False) -> None:
