@@ -5,7 +5,8 @@
 
 Reads each run's metrics.jsonl (the eval records carry ``train_seconds``: optimisation time on
 the run's budget clock, evaluation excluded) and results.json, draws one curve per run (runs
-with the same label are averaged point by point, the spread shaded) and prints a markdown table
+with the same label are averaged over the training seconds they share, each run interpolated
+linearly between its evaluations, the spread shaded) and prints a markdown table
 of the final metric, the measured compression and the training seconds (for a run stopped
 before its end: its last evaluation).
 """
@@ -16,6 +17,8 @@ import argparse
 import json
 from collections import defaultdict
 from pathlib import Path
+
+import numpy as np
 
 from kmerge.reporting import markdown_table
 
@@ -28,6 +31,27 @@ def eval_curve(run: Path, metric: str) -> list[tuple[float, float]]:
     return [
         (r["train_seconds"], r[f"eval_{metric}"]) for r in records(run) if f"eval_{metric}" in r
     ]
+
+
+def mean_curve(
+    curves: list[list[tuple[float, float]]],
+) -> tuple[list[float], list[float], list[float], list[float]] | None:
+    """Mean, min and max of several runs' curves over the training seconds all of them cover.
+
+    Runs evaluate at different seconds (and a time-budgeted run's final evaluation comes at
+    its own step), so each curve is interpolated linearly onto the union of the runs'
+    evaluation times inside the shared range; pairing points by index would average one
+    run's mid-run evaluation with another's final one. None when the runs share no range.
+    """
+    start = max(c[0][0] for c in curves)
+    end = min(c[-1][0] for c in curves)
+    if start > end:
+        return None
+    xs = sorted({x for c in curves for x, _ in c if start <= x <= end})
+    ys = [np.interp(xs, [x for x, _ in c], [y for _, y in c]) for c in curves]
+    columns = list(zip(*ys))
+    mean = [float(sum(v) / len(v)) for v in columns]
+    return xs, mean, [float(min(v)) for v in columns], [float(max(v)) for v in columns]
 
 
 def final_row(run: Path, metric: str) -> dict:
@@ -97,14 +121,18 @@ def main() -> None:
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for label, runs in groups.items():
             curves = [eval_curve(run, args.metric) for run in runs]
-            n = min(len(c) for c in curves)
-            xs = [sum(c[i][0] for c in curves) / len(curves) for i in range(n)]
-            ys = [[100 * c[i][1] for c in curves] for i in range(n)]
-            mean = [sum(v) / len(v) for v in ys]
-            (line,) = ax.plot(xs, mean, marker="o", label=f"{label} (n={len(runs)} seeds)")
-            if len(runs) > 1:
-                ax.fill_between(xs, [min(v) for v in ys], [max(v) for v in ys],
-                                color=line.get_color(), alpha=0.2)  # fmt: skip
+            averaged = mean_curve(curves) if len(runs) > 1 else None
+            if averaged is None:  # one run, or runs without a shared range: one line each
+                for run, curve in zip(runs, curves):
+                    name = label if len(runs) == 1 else f"{label} ({run.name})"
+                    ax.plot([x for x, _ in curve], [100 * y for _, y in curve], marker="o",
+                            label=name)  # fmt: skip
+                continue
+            xs, mean, low, high = averaged
+            (line,) = ax.plot(xs, [100 * y for y in mean], marker="o",
+                              label=f"{label} (mean of {len(runs)} runs)")  # fmt: skip
+            ax.fill_between(xs, [100 * y for y in low], [100 * y for y in high],
+                            color=line.get_color(), alpha=0.2)  # fmt: skip
         ax.set_xlabel("training seconds (CPU time of the run, evaluation excluded)")
         ax.set_ylabel(f"held-out {args.metric} (%)")
         ax.set_title(args.title)

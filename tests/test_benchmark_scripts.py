@@ -243,6 +243,24 @@ def test_quality_curves_table_and_plot(tmp_path, capsys, monkeypatch):
         curves.main()
 
 
+def test_quality_curves_averages_runs_over_shared_seconds_not_by_index():
+    """Two runs with different evaluation counts: the mean at each second interpolates both
+    runs there (the old point-by-point mean paired a mid-run point with a final one); runs
+    that share no seconds are not averaged."""
+    curves = load_script("quality_curves")
+    long = [(10.0, 0.5), (20.0, 0.7), (30.0, 0.9)]
+    short = [(10.0, 0.5), (25.0, 0.8)]
+    xs, mean, low, high = curves.mean_curve([long, short])
+    assert xs == [10.0, 20.0, 25.0]  # the shared range ends with the shorter run
+    # at 20 s: long 0.7, short 0.5 + 0.3 * 10 / 15 = 0.7; at 25 s: long 0.8, short 0.8
+    assert mean == pytest.approx([0.5, 0.7, 0.8])
+    assert low == pytest.approx([0.5, 0.7, 0.8]) and high == pytest.approx([0.5, 0.7, 0.8])
+    xs, mean, low, high = curves.mean_curve([[(0.0, 0.2), (10.0, 0.4)], [(0.0, 0.6), (10.0, 0.6)]])
+    assert mean == pytest.approx([0.4, 0.5]) and low == pytest.approx([0.2, 0.4])
+    assert high == pytest.approx([0.6, 0.6])
+    assert curves.mean_curve([[(0.0, 0.1), (5.0, 0.2)], [(6.0, 0.3), (9.0, 0.4)]]) is None
+
+
 def test_quality_curves_reads_a_stopped_run_from_its_last_evaluation(tmp_path, capsys, monkeypatch):
     curves = load_script("quality_curves")
     fake_run(tmp_path / "stopped", [(10.0, 0.5), (20.0, 0.75)], 40)
