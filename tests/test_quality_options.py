@@ -516,8 +516,11 @@ def test_prompt_distillation_refuses_a_teacher_that_tokenises_otherwise(tiny_mod
 
 def test_training_with_a_teacher_logs_its_cost(tiny_model, tmp_path):
     cfg = small_run(tmp_path, teacher="base", distill_hidden_weight=1.0, distill_prompt_weight=1.0)
-    logged = [r for r in train(cfg, tiny_model(4)).history if "loss" in r]
+    result = train(cfg, tiny_model(4))
+    logged = [r for r in result.history if "loss" in r]
     assert len(logged) == 6 and all(r["teacher_seconds"] > 0 for r in logged)
+    # the run's total: at least what the last log saw, and part of the training time
+    assert logged[-1]["teacher_seconds"] <= result.teacher_seconds < result.train_seconds
     assert all(r["distill_prompt"] > 0 and r["distill_hidden"] > 0 for r in logged)
 
 

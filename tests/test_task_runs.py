@@ -41,6 +41,7 @@ def test_amazon_reviews_train_and_eval(tiny_dir, tmp_path, capsys):
     assert final["primary_metric"] == "choice_accuracy"
     assert final["mean_prompt_tokens"] <= 16  # every prompt was cut to the budget
     assert json.loads((out / "results.json").read_text()) == summary
+    assert "teacher_seconds" not in summary  # no teacher, no teacher cost
     data_record = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])["data"]
     assert data_record["prompts_cut"] == 8 + 4  # all training and held-out prompts are long
 
@@ -54,6 +55,15 @@ def test_amazon_reviews_train_and_eval(tiny_dir, tmp_path, capsys):
     assert result["command"].startswith("kmerge eval --checkpoint")
     saved = json.loads((tmp_path / "eval.json").read_text())
     assert len(saved["choices"]) == 4 and set(saved["choices"]) <= {"negative", "positive"}
+
+
+def test_a_teachers_cost_lands_in_the_results(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    main(train_args(tiny_dir, out, "--teacher", "base"))
+    capsys.readouterr()
+    summary = json.loads((out / "results.json").read_text())
+    # rounded to 0.1 s like train_seconds: the tiny teacher's few forwards may round to 0
+    assert 0 <= summary["teacher_seconds"] <= summary["train_seconds"]
 
 
 def test_commitpackft_train_and_eval(tiny_dir, tmp_path, capsys):

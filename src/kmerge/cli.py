@@ -161,6 +161,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         "k": cfg.model.k,
         "steps": result.steps,
         "train_seconds": round(result.train_seconds, 1),
+        **({"teacher_seconds": round(result.teacher_seconds, 1)} if cfg.teacher else {}),
         "final_eval": final or None,
         "checkpoint": str(Path(args.output_dir) / "checkpoint"),
         "command": _command(args),

@@ -306,6 +306,7 @@ class TrainResult:
     train_seconds: float
     steps: int
     final_eval: dict | None
+    teacher_seconds: float = 0.0  # of train_seconds, the distillation teacher's forwards (wall)
 
 
 @dataclass
@@ -519,7 +520,10 @@ def train(cfg: TrainConfig, model: KMergeModel | None = None) -> TrainResult:
         save_model(accelerator, model, out_dir / "checkpoint")
     model = accelerator.unwrap_model(model)  # with FSDP its weights stay shards
     model.eval()
-    return TrainResult(model, trainer.history, train_seconds, progress.step, progress.final_eval)
+    return TrainResult(
+        model, trainer.history, train_seconds, progress.step, progress.final_eval,
+        progress.teacher_seconds,
+    )  # fmt: skip
 
 
 @contextlib.contextmanager
