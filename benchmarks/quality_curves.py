@@ -48,10 +48,8 @@ def mean_curve(
     if start > end:
         return None
     xs = sorted({x for c in curves for x, _ in c if start <= x <= end})
-    ys = [np.interp(xs, [x for x, _ in c], [y for _, y in c]) for c in curves]
-    columns = list(zip(*ys))
-    mean = [float(sum(v) / len(v)) for v in columns]
-    return xs, mean, [float(min(v)) for v in columns], [float(max(v)) for v in columns]
+    ys = np.array([np.interp(xs, [x for x, _ in c], [y for _, y in c]) for c in curves])
+    return xs, ys.mean(0).tolist(), ys.min(0).tolist(), ys.max(0).tolist()
 
 
 def final_row(run: Path, metric: str) -> dict:
