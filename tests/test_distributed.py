@@ -206,6 +206,51 @@ def test_bf16_reaches_the_distillers_forward_passes(tiny_dir, tmp_path):
         assert bf16 != fp32 and bf16 == pytest.approx(fp32, rel=0.05), (key, fp32, bf16)
 
 
+def test_distillation_on_two_processes_trains_like_gradient_accumulation_in_one(tiny_dir, tmp_path):
+    """The distiller calls the unwrapped model, so DDP does not sync its gradients; the trainer
+    averages them itself, match-only warm-up steps (layers without gradients) included. Two
+    processes with batch 2 see the micro-batches one process sees with batch 2 and two
+    accumulation steps, and must take the same steps."""
+    extra = ("--teacher", "base", "--distill-prompt-weight", "1", "--distill-prompt-layers", "1",
+             "--distill-match-warmup", "0.5", "--encoder-lr", "3e-3")  # fmt: skip
+    one, two, log = tmp_path / "one", tmp_path / "two", tmp_path / "two.log"
+    status = kmerge_process.run(train_args(tiny_dir, two, 2, *extra, "--num-processes", "2"), log)
+    assert status == 0, log.read_text()[-3000:]
+    main(train_args(tiny_dir, one, 2, *extra, "--grad-accum", "2"))
+
+    def steps(run: Path) -> list[dict]:
+        rows = records(run, "lr")
+        return [{k: v for k, v in r.items() if k != "teacher_seconds"} for r in rows]
+
+    first, second = steps(one), steps(two)
+    assert [("match_loss" in r, "loss" in r) for r in second] == [(True, False)] * 2 + [
+        (False, True)
+    ] * 2  # two match-only steps, then two task steps
+    for a, b in zip(first, second, strict=True):
+        assert a.keys() == b.keys()
+        for key, value in a.items():
+            expected = value if isinstance(value, str) else pytest.approx(value, rel=1e-5, abs=1e-7)
+            assert b[key] == expected, (a["step"], key)
+    weights_one = kmerge_process.trainable_weights(one / "checkpoint")
+    weights_two = kmerge_process.trainable_weights(two / "checkpoint")
+    for name, w in weights_one.items():
+        assert torch.allclose(weights_two[name], w, rtol=1e-4, atol=1e-6), name
+
+
+def test_distillation_is_refused_where_the_engine_owns_the_gradients(tiny_dir, tmp_path):
+    launch = [
+        "accelerate.commands.launch", "--config_file", EXAMPLES / "fsdp.yaml",
+        "--num_processes", "2", "--mixed_precision", "no", "--main_process_port", "0",
+        "-m", "tests.fsdp_cpu",
+    ]  # fmt: skip
+    log = tmp_path / "fsdp.log"
+    argv = train_args(tiny_dir, tmp_path / "out", 2, "--teacher", "base")
+    assert kmerge_process.run(argv, log, module=launch) != 0
+    assert "distillation (a teacher) trains in one process or on replicated weights" in (
+        log.read_text()
+    )
+
+
 def train_counting_layer_calls(model, cfg) -> tuple[list[torch.Tensor], int]:
     """Train; return the trained weights and how often the first layer's MLP ran in training
     mode (evaluation runs it too, in eval mode). The MLP's forward is wrapped: module hooks do

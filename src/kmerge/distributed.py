@@ -106,6 +106,22 @@ def root_unsharded(model: torch.nn.Module) -> Iterator[None]:
         model.reshard()
 
 
+def average_gradients(model: torch.nn.Module) -> None:
+    """All-reduce the gradients of ``model``'s trainable weights to their mean over the
+    processes, in one flat buffer. For the backward passes DDP does not see: the distiller
+    calls the unwrapped model (DDP syncs only after a forward through its wrapper), and its
+    match-only steps leave layers without gradients, which DDP's own sync refuses. The
+    weights without a gradient are the same on every process (same step, same code path)."""
+    grads = [p.grad for p in model.parameters() if p.requires_grad and p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    torch.distributed.all_reduce(flat)
+    flat /= torch.distributed.get_world_size()
+    for g, averaged in zip(grads, flat.split([g.numel() for g in grads])):
+        g.copy_(averaged.view_as(g))
+
+
 def gpu_available() -> bool:
     devices = getattr(torch, "accelerator", None)  # torch >= 2.6 knows every device type
     return devices.is_available() if devices else torch.cuda.is_available()

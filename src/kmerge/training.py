@@ -28,7 +28,7 @@ from typing import Literal
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
@@ -39,7 +39,7 @@ from kmerge.checkpointing import (
     save_model,
     store_model_as_adapter,
 )
-from kmerge.distributed import make_accelerator
+from kmerge.distributed import average_gradients, make_accelerator
 from kmerge.errors import KMergeConfigError, KMergeDataError
 from kmerge.evaluation import evaluate_sharded
 from kmerge.io import atomic_write_text, write_json
@@ -49,6 +49,10 @@ from kmerge.provenance import as_json, differences
 from kmerge.reconstruction import is_reconstruction_step, reconstruction_example
 from kmerge.tasks import Example, Task, build_task, check_stages, task_stages
 from kmerge.tasks.base import example_protect_spans, fit_prompts, name_example
+
+# Engines that own the gradients (sharded, or reduced inside their backward): the distiller's
+# gradients cannot be averaged by hand there (kmerge.distributed.average_gradients).
+_OWN_GRADIENTS = (DistributedType.FSDP, DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM)
 
 # The progress bar of a time-budgeted run: seconds of the budget spent.
 _TIME_BAR = (
@@ -493,8 +497,11 @@ def train(cfg: TrainConfig, model: KMergeModel | None = None) -> TrainResult:
     if cfg.teacher:
         from kmerge.distillation import Distiller
 
-        if accelerator.num_processes > 1:
-            raise KMergeConfigError("distillation (teacher) runs in one process only")
+        if accelerator.distributed_type in _OWN_GRADIENTS:
+            raise KMergeConfigError(
+                "distillation (a teacher) trains in one process or on replicated weights (DDP), "
+                f"not with {accelerator.distributed_type.value}"
+            )
         distiller = Distiller(
             model, cfg.teacher, cfg.distill_kl_weight, cfg.distill_temperature,
             cfg.distill_hidden_weight, cfg.distill_cache, cfg.distill_prompt_weight,
@@ -633,6 +640,7 @@ class _Trainer:
         self.bar = None
         self.distiller = None
         self.last_distill: dict[str, float] | None = None
+        self.micro_distill: list[list[float]] = []  # this step's terms, per micro-batch
         self.preloaded: dict[int, TaskData] = {}  # stage index -> data loaded before the run
 
     def elapsed(self) -> float:
@@ -809,6 +817,8 @@ class _Trainer:
                 if not math.isfinite(loss):  # before the update: the weights stay good
                     raise NonFiniteLossError(self._non_finite_message(loss, stage))
                 acc.backward(total)
+                if acc.sync_gradients and self._outside_ddp(reconstruct):
+                    average_gradients(self.model)
                 if acc.sync_gradients:
                     acc.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
                 self.optimizer.step()
@@ -816,7 +826,19 @@ class _Trainer:
                     self.scheduler.step()
                 self.optimizer.zero_grad()
             step_loss += loss / cfg.grad_accum
+        if self.micro_distill:  # the terms' means over micro-batches and processes, as the loss
+            terms = acc.reduce(torch.tensor(self.micro_distill, device=acc.device).mean(0), "mean")
+            names = ("distill_kl", "distill_hidden", "distill_prompt")
+            self.last_distill = dict(zip(names, terms.tolist()))
+            self.micro_distill = []
         return step_loss
+
+    def _outside_ddp(self, reconstruct: bool) -> bool:
+        """Whether this step's backward ran outside DDP's sync: several processes, and the
+        distiller's forward through the unwrapped model (a reconstruction step goes through
+        the wrapper, like a step without a teacher)."""
+        distilled = self.distiller is not None and not reconstruct
+        return distilled and self.accelerator.num_processes > 1
 
     def _loss(
         self, batch: list[Example], k: int | None, reconstruct: bool, match_only: bool
@@ -831,10 +853,7 @@ class _Trainer:
                 model = self.accelerator.unwrap_model(self.model)
                 result = self.distiller(model, prompts, answers, k, protect, match_only=match_only)
                 self.progress.teacher_seconds += result.teacher_seconds
-                self.last_distill = {  # floats only: no autograd graph kept
-                    "distill_kl": result.kl, "distill_hidden": result.hidden,
-                    "distill_prompt": result.prompt_hidden,
-                }  # fmt: skip
+                self.micro_distill.append([result.kl, result.hidden, result.prompt_hidden])
                 return result.loss
             options = {"k": k} if k else {}
             if protect:
