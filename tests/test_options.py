@@ -67,6 +67,20 @@ def test_flags_reach_the_configs():
                                 "data_dir": "d"}  # fmt: skip
 
 
+def test_the_merged_recipe_is_one_flag_and_each_of_its_settings_can_be_overridden():
+    parse = build_parser().parse_args
+    cfg = kmerge.cli._train_config(parse(["train", "--k", "4", "--recipe", "merged"]))
+    recipe = (cfg.teacher, cfg.encoder_lr, cfg.distill_match_warmup, cfg.lr)
+    assert recipe == ("base", 3e-3, 0.2, 6e-4)
+    assert cfg.model.block_alignment == "segments" and cfg.model.k == 4
+    assert cfg.distill_prompt_weight == 3.0  # the teacher's own defaults come with it
+    argv = ["train", "--recipe", "merged", "--lr", "1e-3", "--block-alignment", "start"]
+    cfg = kmerge.cli._train_config(parse(argv))
+    assert (cfg.lr, cfg.model.block_alignment, cfg.teacher) == (1e-3, "start", "base")
+    with pytest.raises(KMergeConfigError, match="--recipe merged is for K > 1"):
+        kmerge.cli._train_config(parse(["train", "--k", "1", "--recipe", "merged"]))
+
+
 def test_pareto_flags_make_the_sweep(monkeypatch):
     seen = {}
     monkeypatch.setattr("kmerge.pareto.run_sweep", lambda sweep: seen.setdefault("s", sweep))

@@ -22,7 +22,7 @@ from kmerge.io import write_json
 from kmerge.modeling import KMergeConfig
 from kmerge.provenance import machine_info
 from kmerge.reporting import markdown_table
-from kmerge.training import TrainConfig, train
+from kmerge.training import MERGED_RECIPE, TrainConfig, train
 
 COLUMNS = (
     "method", "K", "prompt tokens", "positions fed", "compression", "accuracy", "steps", "train s",
@@ -38,11 +38,8 @@ DEMO_SETTINGS = dict(
     n_eval=256, eval_every=50, mixed_precision="auto",
     save_every=0,  # a second demo replaces the runs; nothing would resume from a checkpoint
 )  # fmt: skip
+# K>1 adds MERGED_RECIPE (kmerge.training).
 DEMO_MODEL = dict(block_alignment="segments", lora_r=8, lora_alpha=16)
-# What K>1 adds: the best K=4 recipe at 20 CPU-minutes (quality.md, "bf16"): each merged
-# position matched to the base model's state at its block's last token, a match-only first
-# fifth, faster encoder and LoRA learning rates. A teacher adds nothing to a K=1 prompt.
-MERGED_RECIPE = dict(teacher="base", encoder_lr=3e-3, distill_match_warmup=0.2, lr=6e-4)
 
 
 def demo_configs(ks: tuple[int, ...] = (1, 4), **overrides) -> list[TrainConfig]:

@@ -54,6 +54,13 @@ from kmerge.tasks.base import example_protect_spans, fit_prompts, name_example
 # gradients cannot be averaged by hand there (kmerge.distributed.average_gradients).
 _OWN_GRADIENTS = (DistributedType.FSDP, DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM)
 
+# The best measured K>1 recipe (docs/quality.md, "Twenty CPU-minutes in bf16"): each merged
+# position matched to the base model's state at its block's last token (the teacher's default
+# weights), a match-only first fifth, faster encoder and LoRA learning rates, segment-aligned
+# blocks. `kmerge train --recipe merged` and the demo's K=4 run; a teacher adds nothing at K=1.
+MERGED_RECIPE = {"teacher": "base", "encoder_lr": 3e-3, "distill_match_warmup": 0.2, "lr": 6e-4}
+MERGED_RECIPE_MODEL = {"block_alignment": "segments"}
+
 # The progress bar of a time-budgeted run: seconds of the budget spent.
 _TIME_BAR = (
     "{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f} s [{elapsed}<{remaining}{postfix}]"
