@@ -489,9 +489,17 @@ def test_match_warmup_comes_first_and_logs_its_own_loss(tiny_model, tmp_path):
         lambda layer, *a: decoder_calls.append(1) if layer.training else None
     )
     cfg = small_run(
-        tmp_path, steps=8, teacher="base", distill_prompt_layers=1, distill_match_warmup=0.25
+        tmp_path,
+        steps=8,
+        eval_every=1,
+        teacher="base",
+        distill_prompt_layers=1,
+        distill_match_warmup=0.25,
     )
-    records = [r for r in train(cfg, model).history if "lr" in r]
+    history = train(cfg, model).history
+    records = [r for r in history if "lr" in r]
+    # no evaluation inside the warm-up (it would score an untrained answer); one at its end
+    assert [r["step"] for r in history if "eval_accuracy" in r] == list(range(2, 9))
     assert [("match_loss" in r, "loss" in r) for r in records] == [(True, False)] * 2 + [
         (False, True)
     ] * 6  # log_every=1: the first quarter of the steps, each under its own name
@@ -731,7 +739,8 @@ def test_training_with_reconstruction_steps(tiny_model, tmp_path):
 def test_reconstruction_warmup_comes_first(tiny_model, tmp_path):
     model = tiny_model(4)
     calls = spy_on_forward(model)
-    train(small_run(tmp_path, steps=8, reconstruct_warmup=0.25), model)
+    result = train(small_run(tmp_path, steps=8, eval_every=1, reconstruct_warmup=0.25), model)
+    assert [r["step"] for r in result.history if "eval_accuracy" in r] == list(range(2, 9))
     kinds = [all(p.endswith(RECONSTRUCT_INSTRUCTION) for p in prompts) for prompts, _, _ in calls]
     assert kinds == [True, True] + [False] * 6  # the first quarter of the steps
 

@@ -115,7 +115,11 @@ class TrainConfig:
     weight_decay: float = option(0.0, "AdamW weight decay")
     warmup_steps: int = option(20, "linear warm-up steps")
     max_grad_norm: float = option(1.0, "gradient clipping norm")
-    eval_every: int = option(50, "steps between held-out evaluations", minimum=1)
+    eval_every: int = option(
+        50,
+        "steps between held-out evaluations (none inside a warm-up that trains no answers)",
+        minimum=1,
+    )
     log_every: int = option(10, "steps per loss record")
     # The learning-rate schedule follows the budget: cosine over whichever of steps and time is
     # used up first.
@@ -722,7 +726,9 @@ class _Trainer:
                 (p.match_window if match_only else p.window).append(loss)
             self._log_loss(stage)
             done = p.stage_step == cfg.steps or self._out_of_time()
-            if data.held_out and (p.step % cfg.eval_every == 0 or done):
+            # a warm-up that does not train the answer would only score an untrained one
+            periodic = p.step % cfg.eval_every == 0 and not self._in_warmup()
+            if data.held_out and (periodic or done):
                 result = self._evaluate(data, stage)
                 done = done or bool(cfg.curriculum) and result[result["primary_metric"]] >= gate
             if done:
@@ -756,6 +762,11 @@ class _Trainer:
     def _match_step(self) -> bool:
         """Whether this optimizer step trains only the prompt match (its warm-up share)."""
         return self.distiller is not None and self._done() < self.cfg.distill_match_warmup
+
+    def _in_warmup(self) -> bool:
+        """Whether the run is inside a warm-up share that trains no answers (reconstruction
+        or prompt match only): the next step is one of its steps."""
+        return self._done() < self.cfg.reconstruct_warmup or self._match_step()
 
     def _step_k(self) -> int | None:
         """The K of this optimizer step: from k_choices, drawn (seeded by the step, so a resumed
