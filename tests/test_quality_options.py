@@ -532,6 +532,20 @@ def test_training_with_a_teacher_logs_its_cost(tiny_model, tmp_path):
     assert all(r["distill_prompt"] > 0 and r["distill_hidden"] > 0 for r in logged)
 
 
+def test_distill_until_drops_the_teacher_for_the_rest_of_the_run(tiny_model, tmp_path):
+    cfg = small_run(tmp_path, steps=8, teacher="base", distill_until=0.5)
+    result = train(cfg, tiny_model(4))
+    logged = [r for r in result.history if "loss" in r]  # log_every=1: one record per step
+    assert [("distill_prompt" in r) for r in logged] == [True] * 4 + [False] * 4
+    cost = [r["teacher_seconds"] for r in logged]
+    assert cost[0] > 0 and cost[3] > cost[2] and cost[4:] == [cost[3]] * 4  # paid no more
+    assert result.teacher_seconds == cost[3]
+    with pytest.raises(KMergeConfigError, match="must be above distill_match_warmup"):
+        small_run(tmp_path, teacher="base", distill_match_warmup=0.3, distill_until=0.3)
+    with pytest.raises(KMergeConfigError, match="distill_until"):
+        small_run(tmp_path, teacher="base", distill_until=1.5)
+
+
 def test_a_teacher_alone_distils_the_prompt_and_refuses_zero_weights(tiny_model, tmp_path):
     # --teacher alone is the measured recipe: prompt distillation, no answer-token KL
     logged = [

@@ -192,6 +192,14 @@ class TrainConfig:
         maximum=1.0,
         requires="teacher",
     )
+    distill_until: float = option(
+        1.0,
+        "the teacher is dropped after this share of the run (of its steps or time budget): the "
+        "rest trains the task alone, a cheaper step (1: distil to the end)",
+        positive=True,
+        maximum=1.0,
+        requires="teacher",
+    )
     distill_cache: bool = option(
         False,
         "keep the teacher's outputs per training example (float16, CPU memory): for a training "
@@ -267,6 +275,11 @@ class TrainConfig:
             raise KMergeConfigError(
                 "distill_match_warmup trains the prompt match over the first N layers: it needs "
                 "a teacher, distill_prompt_weight > 0 and distill_prompt_layers > 0"
+            )
+        if self.distill_until <= self.distill_match_warmup:
+            raise KMergeConfigError(
+                f"distill_until ({self.distill_until}) must be above distill_match_warmup "
+                f"({self.distill_match_warmup}): the teacher would go before the task is trained"
             )
         for name in ("reconstruct_share", "reconstruct_warmup"):
             if getattr(self, name) == 1.0:
@@ -763,6 +776,12 @@ class _Trainer:
         """Whether this optimizer step trains only the prompt match (its warm-up share)."""
         return self.distiller is not None and self._done() < self.cfg.distill_match_warmup
 
+    def _distilled(self, reconstruct: bool) -> bool:
+        """Whether this step runs the distiller: a teacher, not a reconstruction step, and the
+        run not yet past ``distill_until``."""
+        teacher_left = self.distiller is not None and self._done() < self.cfg.distill_until
+        return teacher_left and not reconstruct
+
     def _in_warmup(self) -> bool:
         """Whether the run is inside a warm-up share that trains no answers (reconstruction
         or prompt match only): the next step is one of its steps."""
@@ -822,6 +841,8 @@ class _Trainer:
         acc, cfg = self.accelerator, self.cfg
         step_loss = 0.0
         k = self._step_k()
+        if not reconstruct and not self._distilled(reconstruct):
+            self.last_distill = None  # past distill_until: no terms to log
         for _ in range(cfg.grad_accum):
             batch = next(batches)
             if reconstruct:
@@ -855,8 +876,7 @@ class _Trainer:
         """Whether this step's backward ran outside DDP's sync: several processes, and the
         distiller's forward through the unwrapped model (a reconstruction step goes through
         the wrapper, like a step without a teacher)."""
-        distilled = self.distiller is not None and not reconstruct
-        return distilled and self.accelerator.num_processes > 1
+        return self._distilled(reconstruct) and self.accelerator.num_processes > 1
 
     def _loss(
         self, batch: list[Example], k: int | None, reconstruct: bool, match_only: bool
@@ -867,7 +887,7 @@ class _Trainer:
         prompts, answers = [e.prompt for e in batch], [e.answer for e in batch]
         protect = example_protect_spans(batch)
         with self.accelerator.autocast():
-            if self.distiller is not None and not reconstruct:
+            if self._distilled(reconstruct):
                 model = self.accelerator.unwrap_model(self.model)
                 result = self.distiller(model, prompts, answers, k, protect, match_only=match_only)
                 self.progress.teacher_seconds += result.teacher_seconds
