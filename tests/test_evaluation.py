@@ -9,7 +9,9 @@ import math
 import pytest
 import torch
 
-from kmerge.evaluation import evaluate, evaluate_sharded, summarise
+from kmerge.errors import KMergeConfigError
+from kmerge.evaluation import class_prior, evaluate, evaluate_sharded, summarise
+from kmerge.metrics import roc_auc
 from kmerge.tasks import Example, Task
 from tests.conftest import randomise_trainables
 from tests.helpers import assert_greedy_equivalent
@@ -182,3 +184,36 @@ def test_evaluate_sharded_in_one_process_is_evaluate(model):
     full = evaluate(model, EXAMPLES, Sentiment(), progress=False)
     for key in ("choice_accuracy", "macro_f1", "accuracy", "perplexity", "n"):
         assert sharded[key] == pytest.approx(full[key])
+
+
+def test_choice_scores_auc_and_prior(model):
+    """Each example's per-choice losses are reported; ROC-AUC ranks their difference; a class
+    prior moves exactly the decisions whose loss gap is smaller than the log prior ratio."""
+    plain = evaluate(model, EXAMPLES, Sentiment(), progress=False)
+    gaps = [r["negative"] - r["positive"] for r in plain["choice_nll"]]  # > 0: "positive"
+    assert plain["choices"] == ["positive" if g > 0 else "negative" for g in gaps]
+    positive = [e.answer == "positive" for e in EXAMPLES]
+    assert plain["choice_auc"] == pytest.approx(roc_auc(gaps, positive))
+    # A prior whose log ratio sits between two gaps flips the decisions below it, and only them.
+    ordered = sorted(gaps)
+    cut = (ordered[2] + ordered[3]) / 2  # between two gaps: no decision sits on the line
+    p = 1 / (1 + math.exp(-cut))  # log(p / (1 - p)) == cut
+    weighted = evaluate(
+        model, EXAMPLES, Sentiment(), progress=False,
+        choice_prior={"negative": p, "positive": 1 - p},
+    )  # fmt: skip
+    assert weighted["choices"] == ["positive" if g > cut else "negative" for g in gaps]
+    assert weighted["choice_auc"] == pytest.approx(plain["choice_auc"])
+    with pytest.raises(KMergeConfigError, match="each answer choice"):
+        evaluate(model, EXAMPLES, Sentiment(), progress=False, choice_prior={"positive": 1.0})
+    with pytest.raises(KMergeConfigError, match=r"in \(0, 1\]"):
+        evaluate(
+            model, EXAMPLES, Sentiment(), progress=False,
+            choice_prior={"negative": 0.0, "positive": 1.0},
+        )  # fmt: skip
+
+
+def test_class_prior_counts_answers():
+    prior = class_prior(EXAMPLES, ("negative", "positive"))  # 2 negative, 3 positive, add-one
+    assert prior == pytest.approx({"negative": 3 / 7, "positive": 4 / 7})
+    assert class_prior(EXAMPLES[:1], ("negative", "positive"))["negative"] == pytest.approx(1 / 3)

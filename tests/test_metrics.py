@@ -14,6 +14,7 @@ from kmerge.metrics import (
     p_lf1,
     perplexity,
     perplexity_performance,
+    roc_auc,
 )
 
 
@@ -77,3 +78,25 @@ def test_length_reduction_and_p_lf1_by_hand():
 def test_perplexity_performance_is_capped():
     assert perplexity_performance(4.0, 2.0) == 0.5  # twice the reference perplexity
     assert perplexity_performance(1.5, 2.0) == 1.0  # better than the reference: capped
+
+
+def test_roc_auc_by_hand():
+    # Positives score 0.9, 0.4; negatives 0.5, 0.1: of the 4 pairs, 3 rank right -> 0.75.
+    assert roc_auc([0.9, 0.5, 0.4, 0.1], [True, False, True, False]) == pytest.approx(0.75)
+    assert roc_auc([3, 2, 1], [True, True, False]) == 1.0
+    assert roc_auc([1, 2, 3], [True, True, False]) == 0.0
+    # A tie between a positive and a negative counts half: 1 right + 0.5 of 2 pairs.
+    assert roc_auc([2, 2, 1], [True, False, False]) == pytest.approx(0.75)
+
+
+def test_roc_auc_is_rank_based():
+    """Any increasing transform of the scores leaves it unchanged (threshold-free)."""
+    scores, labels = [0.3, -1.2, 2.0, 0.7, 0.3, -0.1], [True, False, True, False, False, True]
+    assert roc_auc(scores, labels) == pytest.approx(roc_auc([math.exp(s) for s in scores], labels))
+
+
+def test_roc_auc_errors():
+    with pytest.raises(ValueError, match="as many"):
+        roc_auc([1.0], [True, False])
+    with pytest.raises(ValueError, match="one positive and one negative"):
+        roc_auc([1.0, 2.0], [True, True])

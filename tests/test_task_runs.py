@@ -4,6 +4,7 @@ metrics, the measured compression and the exact command land in the results JSON
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -55,6 +56,53 @@ def test_amazon_reviews_train_and_eval(tiny_dir, tmp_path, capsys):
     assert result["command"].startswith("kmerge eval --checkpoint")
     saved = json.loads((tmp_path / "eval.json").read_text())
     assert len(saved["choices"]) == 4 and set(saved["choices"]) <= {"negative", "positive"}
+
+
+def test_choice_prior_weighs_answers_by_their_training_frequency(tiny_dir, tmp_path, capsys):
+    """--choice-prior train: the same per-choice losses, decided with the training rows' class
+    frequencies (3 negative, 9 positive, add-one: 4/14 and 10/14) as priors."""
+    data = tmp_path / "reviews"
+    rows = [review(i, 1.0 if i % 4 == 0 else 5.0) for i in range(12)]
+    write_jsonl(data / "apparel_train.jsonl.gz", rows)
+    write_jsonl(data / "apparel_test.jsonl.gz", rows)
+    out = tmp_path / "run"
+    options = ["--task", "amazon_reviews", "--data-dir", str(data)]
+    main(train_args(tiny_dir, out, *options, "--balance-classes", "--choice-prior", "train"))
+    final = json.loads((out / "results.json").read_text())["final_eval"]
+    assert 0 <= final["choice_auc"] <= 1 and len(final["choice_nll"]) == 4
+    capsys.readouterr()
+    saved = {}
+    for prior in ("uniform", "train"):
+        run_json(
+            capsys,
+            ["eval", "--checkpoint", str(out / "checkpoint"), *options, "--n-eval", "12",
+             "--choice-prior", prior, "--output", str(tmp_path / f"{prior}.json")],
+        )  # fmt: skip
+        saved[prior] = json.loads((tmp_path / f"{prior}.json").read_text())
+    log_prior = {"negative": math.log(4 / 14), "positive": math.log(10 / 14)}
+    for nll, plain, weighted in zip(
+        saved["uniform"]["choice_nll"], saved["uniform"]["choices"], saved["train"]["choices"]
+    ):
+        assert plain == min(nll, key=nll.get)
+        assert weighted == min(nll, key=lambda c: nll[c] - log_prior[c])
+    assert saved["train"]["choice_auc"] == pytest.approx(saved["uniform"]["choice_auc"])
+    # The barely trained tiny model's loss gaps (~0.1) sit well inside log(10/4) ~ 0.9: the prior
+    # must change decisions.
+    assert saved["train"]["choices"] != saved["uniform"]["choices"]
+
+
+def test_choice_prior_needs_answer_choices(tmp_path):
+    from kmerge.errors import KMergeConfigError
+    from kmerge.tasks import Example, Task
+    from kmerge.training import TrainConfig, choice_prior
+
+    class FreeText(Task):
+        name = "free-text"
+
+    train = [Example("a", "b")]
+    assert choice_prior(TrainConfig(), FreeText(), train) is None
+    with pytest.raises(KMergeConfigError, match="choice_prior='train' is for tasks with answer"):
+        choice_prior(TrainConfig(choice_prior="train"), FreeText(), train)
 
 
 def test_a_teachers_cost_lands_in_the_results(tiny_dir, tmp_path, capsys):

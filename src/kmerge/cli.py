@@ -28,7 +28,7 @@ from kmerge.options import (
 
 PROTECT_FIELDS = ("protect_pattern", "protect_last", "protect_surprising")
 # What each subcommand takes of TrainConfig: the data to read (eval) and the sweep's budget.
-DATA_FIELDS = ("task", "stage", "seed", "n_eval", "max_prompt_tokens")
+DATA_FIELDS = ("task", "stage", "seed", "n_eval", "max_prompt_tokens", "choice_prior")
 # (a sweep's seeds are its own --seeds)
 # time_budget: every point gets the same training time (issue 11 judges methods at equal time).
 SWEEP_FIELDS = ("task", "stage", "n_eval", "max_prompt_tokens", "n_train", "steps", "batch_size",
@@ -301,6 +301,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from kmerge.evaluation import evaluate
     from kmerge.tasks import build_task
     from kmerge.tasks.base import fit_prompts
+    from kmerge.training import choice_prior
 
     decode = _decode_config(args)
     if args.output and Path(args.output).is_dir():
@@ -309,6 +310,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
     name, options = data.task, data.task_options
     task = build_task(name, data.seed, data.stage, data.n_eval, options=options)
     examples = task.examples("test", data.n_eval)  # bad data fails before the model loads
+    prior = None
+    if data.choice_prior != "uniform":  # reads the training rows only when asked to
+        prior = choice_prior(data, task, task.examples("train"))
     model = _load(args)
     examples, prompts_cut = fit_prompts(examples, model.tokenizer, data.max_prompt_tokens)
     result = evaluate(
@@ -320,9 +324,10 @@ def cmd_eval(args: argparse.Namespace) -> None:
         generate_n=decode.generate_n,
         reference_perplexity=decode.reference_perplexity,
         k=getattr(args, "k", None) if args.checkpoint else None,
+        choice_prior=prior,
     )
     predictions = result.pop("predictions")
-    choices = result.pop("choices", None)
+    per_example = {key: result.pop(key) for key in ("choices", "choice_nll") if key in result}
     result = {
         "task": f"{name}:{data.stage}" if name == "tree" else name,
         **result,
@@ -334,8 +339,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     }
     print(json.dumps(result, indent=2))
     if args.output:
-        extra = {"predictions": predictions} | ({"choices": choices} if choices else {})
-        _write_json(Path(args.output), result | extra)
+        _write_json(Path(args.output), result | {"predictions": predictions} | per_example)
 
 
 def cmd_generate(args: argparse.Namespace) -> None:

@@ -2,8 +2,9 @@
 
 Three kinds of pass, each run only when one of the task's metrics needs it:
 - scoring: teacher-forced loss of the reference answer (perplexity);
-- choice: the loss of every label word; the likelier label is the prediction
-  (choice accuracy, macro-F1);
+- choice: the loss of every label word; the likelier label is the prediction (choice
+  accuracy, macro-F1; with two labels also ROC-AUC of their loss difference, which does not
+  depend on where the decision line sits), optionally weighed by a class prior;
 - generation: greedy decoding (exact-match accuracy, line-level edit similarity), optionally
   on the first ``generate_n`` examples only, since it is the slow part.
 """
@@ -11,8 +12,9 @@ Three kinds of pass, each run only when one of the task's metrics needs it:
 from __future__ import annotations
 
 import contextlib
+import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from accelerate import Accelerator
@@ -30,12 +32,20 @@ from kmerge.metrics import (
     p_lf1,
     perplexity,
     perplexity_performance,
+    roc_auc,
 )
 from kmerge.modeling import KMergeModel
 from kmerge.tasks import Example, Task
 from kmerge.tasks.base import example_protect_spans, name_example
 
-__all__ = ["evaluate", "evaluate_sharded", "merge_shards", "normalise_answer", "shard_indices"]
+__all__ = [
+    "class_prior",
+    "evaluate",
+    "evaluate_sharded",
+    "merge_shards",
+    "normalise_answer",
+    "shard_indices",
+]
 
 GENERATION_METRICS = ("accuracy", "edit_similarity")
 CHOICE_METRICS = ("choice_accuracy", "macro_f1")
@@ -54,6 +64,7 @@ def evaluate(
     gather: Callable[[list], list] | None = None,
     synced: bool = False,
     k: int | None = None,
+    choice_prior: Mapping[str, float] | None = None,
 ) -> dict:
     """Compute ``task.metrics`` (default: exact-match ``accuracy``) on ``examples``.
 
@@ -74,6 +85,11 @@ def evaluate(
 
     ``k``: evaluate at this block size instead of the model's (a model trained with several K).
 
+    ``choice_prior``: a probability per answer choice; the prediction is then the choice with
+    the highest likelihood times prior (lowest ``nll - log prior``). A model trained on a
+    class-balanced stream learnt equal priors; the data's own class frequencies put them back
+    (logit adjustment, arXiv 2007.07314). Without it every choice weighs the same.
+
     Returns every metric, ``primary_metric`` (its name), n, mean prompt tokens, mean prompt
     positions fed (measured from the batches), their ratio, length reduction, P-LF1, wall time,
     and the per-example predictions.
@@ -88,6 +104,7 @@ def evaluate(
     choices = task.answer_choices if task else None
     if set(CHOICE_METRICS) & set(metrics) and not choices:
         raise ValueError(f"{CHOICE_METRICS} need a task with answer_choices")
+    log_prior = _log_prior(choice_prior, choices)
     if generate_n is None and task is not None:
         generate_n = task.generate_n
     n_generate = 0
@@ -109,7 +126,7 @@ def evaluate(
             try:
                 _fill_records(
                     model, examples[i : i + batch_size], records[i : i + batch_size],
-                    metrics, choices, generate, max_new_tokens, synced, k,
+                    metrics, choices, generate, max_new_tokens, synced, k, log_prior,
                 )  # fmt: skip
             except KMergeDataError as err:  # e.g. a prompt too long: name its row
                 raise name_example(err, examples[i : i + batch_size]) from None
@@ -122,13 +139,39 @@ def evaluate(
         records = gather(records)
     result = summarise(records, metrics, choices, reference_perplexity)
     primary = task.primary_metric if task else "accuracy"
-    return result | {
+    out = result | {
         "k": model.k if k is None else k,
         "primary_metric": primary,
         "p_lf1": _p_lf1(result, primary, reference_perplexity),
         "eval_seconds": wall,
         "predictions": [r.get("prediction") for r in records],
     }
+    if "choice_nll" in records[0]:
+        out["choice_nll"] = [r["choice_nll"] for r in records]
+    return out
+
+
+def _log_prior(
+    prior: Mapping[str, float] | None, choices: Sequence[str] | None
+) -> dict[str, float] | None:
+    if prior is None:
+        return None
+    if not choices or set(prior) != set(choices):
+        raise KMergeConfigError(
+            f"choice_prior must give a probability for each answer choice {list(choices or [])}"
+            f", got {sorted(prior)}"
+        )
+    if any(not 0 < p <= 1 for p in prior.values()):
+        raise KMergeConfigError(f"choice_prior probabilities must be in (0, 1], got {prior}")
+    return {c: math.log(p) for c, p in prior.items()}
+
+
+def class_prior(examples: Sequence[Example], choices: Sequence[str]) -> dict[str, float]:
+    """How often each answer choice is the answer in ``examples`` (add-one smoothed, so that a
+    class missing from the examples keeps a finite prior)."""
+    counts = {c: 1 + sum(e.answer == c for e in examples) for c in choices}
+    total = sum(counts.values())
+    return {c: n / total for c, n in counts.items()}
 
 
 @torch.no_grad()
@@ -142,6 +185,7 @@ def _fill_records(
     max_new_tokens: int | None,
     synced: bool = False,
     k: int | None = None,
+    log_prior: Mapping[str, float] | None = None,
 ) -> None:
     """Run the passes the metrics need on one batch; write each example's results in ``rows``
     (prediction only for the first ``generate`` examples)."""
@@ -153,8 +197,10 @@ def _fill_records(
             row |= {"nll": value, "answer_tokens": count}
     if set(CHOICE_METRICS) & set(metrics):
         scores = {c: _answer_nll(model, prompts, [c] * len(chunk), k, protect)[0] for c in choices}
+        shift = log_prior or dict.fromkeys(choices, 0.0)
         for j, row in enumerate(rows):
-            row["choice"] = min(choices, key=lambda c: scores[c][j])
+            row["choice_nll"] = {c: scores[c][j] for c in choices}
+            row["choice"] = min(choices, key=lambda c: scores[c][j] - shift[c])
     batch = model.prepare(prompts, reserve=max_new_tokens or 0, k=k, protect=protect)
     if generate:
         if generate < len(chunk):
@@ -177,7 +223,11 @@ def _fill_records(
 
 
 def evaluate_sharded(
-    accelerator: Accelerator, model: torch.nn.Module, examples: Sequence[Example], task: Task
+    accelerator: Accelerator,
+    model: torch.nn.Module,
+    examples: Sequence[Example],
+    task: Task,
+    choice_prior: Mapping[str, float] | None = None,
 ) -> dict:
     """:func:`evaluate` run by every process of a launch (``model`` as accelerate prepared it):
     each evaluates a shard and the per-example results are gathered, so the numbers equal one
@@ -195,7 +245,7 @@ def evaluate_sharded(
     with root_unsharded(model) if sharded else contextlib.nullcontext():
         return evaluate(
             accelerator.unwrap_model(model), examples, task,
-            progress=False, gather=gather, synced=sharded,
+            progress=False, gather=gather, synced=sharded, choice_prior=choice_prior,
         )  # fmt: skip
 
 
@@ -259,6 +309,14 @@ def summarise(
         out["macro_f1"] = macro_f1(
             [r["choice"] for r in records], [r["answer"] for r in records], labels=choices
         )
+    if choices is not None and len(choices) == 2 and "choice_nll" in records[0]:
+        first, second = choices
+        labelled = [r for r in records if r["answer"] in choices]
+        if {r["answer"] for r in labelled} == set(choices):
+            out["choice_auc"] = roc_auc(
+                [r["choice_nll"][first] - r["choice_nll"][second] for r in labelled],
+                [r["answer"] == second for r in labelled],
+            )
     if "perplexity" in metrics:
         total_nll = sum(r["nll"] for r in records)
         out["perplexity"] = perplexity(total_nll, sum(r["answer_tokens"] for r in records))

@@ -1,4 +1,4 @@
-"""Metrics: exact match, macro-F1, perplexity, line-level edit similarity, and P-LF1.
+"""Metrics: exact match, macro-F1, ROC-AUC, perplexity, line-level edit similarity, and P-LF1.
 
 Pure functions over Python values, so that each can be checked against hand-computed numbers.
 """
@@ -36,6 +36,31 @@ def macro_f1(
         fn = sum(p != label and r == label for p, r in zip(predictions, references))
         scores.append(2 * tp / (2 * tp + fp + fn) if tp else 0.0)
     return sum(scores) / len(scores)
+
+
+def roc_auc(scores: Sequence[float], positive: Sequence[bool]) -> float:
+    """Area under the ROC curve: the chance that a random positive example scores higher than a
+    random negative one (ties count half). Threshold-free, so it tells how well a classifier
+    ranks apart from where it puts its decision line."""
+    if len(scores) != len(positive):
+        raise ValueError("roc_auc needs as many scores as labels")
+    pos = [s for s, p in zip(scores, positive) if p]
+    neg = [s for s, p in zip(scores, positive) if not p]
+    if not pos or not neg:
+        raise ValueError("roc_auc needs at least one positive and one negative example")
+    # Mann-Whitney U from ranks (average ranks for ties): O(n log n).
+    order = sorted(range(len(scores)), key=lambda i: scores[i])
+    ranks = [0.0] * len(scores)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and scores[order[j + 1]] == scores[order[i]]:
+            j += 1
+        for t in range(i, j + 1):
+            ranks[order[t]] = (i + j) / 2 + 1
+        i = j + 1
+    rank_sum = sum(r for r, p in zip(ranks, positive) if p)
+    return (rank_sum - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg))
 
 
 def perplexity(total_nll: float, total_tokens: int) -> float:

@@ -152,7 +152,10 @@ def run_point(cfg: SweepConfig, point: Point) -> dict:
         write_json(summary_file, summary | {"train_config": settings})
     if evaluation is None:  # train evaluates its final weights on these same examples
         data = load_data(train_cfg, model.tokenizer)
-        evaluation = evaluate(model, data.held_out, data.task, progress=train_cfg.progress)
+        evaluation = evaluate(
+            model, data.held_out, data.task, progress=train_cfg.progress,
+            choice_prior=data.choice_prior,
+        )  # fmt: skip
     scalars = {k: v for k, v in evaluation.items() if isinstance(v, (int, float, str))}
     return {
         "method": point.method,

@@ -41,7 +41,7 @@ from kmerge.checkpointing import (
 )
 from kmerge.distributed import average_gradients, make_accelerator
 from kmerge.errors import KMergeConfigError, KMergeDataError
-from kmerge.evaluation import evaluate_sharded
+from kmerge.evaluation import class_prior, evaluate_sharded
 from kmerge.io import atomic_write_text, write_json
 from kmerge.modeling import KMergeConfig, KMergeModel
 from kmerge.options import check_values, from_known_keys, option
@@ -99,6 +99,13 @@ class TrainConfig:
     balance_classes: bool = option(
         False,
         "labelled tasks: train on every answer equally often (minority classes repeated)",
+    )
+    choice_prior: Literal["uniform", "train"] = option(
+        "uniform",
+        "labelled tasks, when evaluating: uniform picks the likeliest answer; train weighs each "
+        "answer by its frequency in the training data (counted before --balance-classes): for "
+        "a model trained with --balance-classes, it undoes the equal priors a balanced stream "
+        "teaches (logit adjustment)",
     )
     group_by: str | None = option(
         None,
@@ -343,6 +350,7 @@ class TaskData:
     train: list[Example]
     held_out: list[Example]
     prompts_cut: int  # prompts shortened to max_prompt_tokens (train + held-out)
+    choice_prior: dict[str, float] | None = None  # evaluate(choice_prior=), see TrainConfig
 
     def report(self) -> dict:
         """What loading did to the data, for the logs: nothing is cut or skipped silently."""
@@ -369,11 +377,24 @@ def load_data(
         n_train = None  # every row of the task's training data
     train = task.examples("train", n_train)
     held_out = task.examples("test", cfg.n_eval) if task.has_split("test") else []
+    prior = choice_prior(cfg, task, train)
     if cfg.balance_classes:
         train = balanced(train, cfg.seed)
     train, cut_train = fit_prompts(train, tokenizer, cfg.max_prompt_tokens)
     held_out, cut_eval = fit_prompts(held_out, tokenizer, cfg.max_prompt_tokens)
-    return TaskData(task, train, held_out, cut_train + cut_eval)
+    return TaskData(task, train, held_out, cut_train + cut_eval, prior)
+
+
+def choice_prior(cfg: TrainConfig, task: Task, train: list[Example]) -> dict[str, float] | None:
+    """The class prior ``cfg.choice_prior`` asks evaluation to use (None: uniform)."""
+    if cfg.choice_prior == "uniform":
+        return None
+    if not task.answer_choices:
+        raise KMergeConfigError(
+            f"choice_prior={cfg.choice_prior!r} is for tasks with answer choices; "
+            f"task {task.name!r} has none"
+        )
+    return class_prior(train, task.answer_choices)
 
 
 def groups(examples: list[Example], key: str) -> list[list[int]]:
@@ -937,7 +958,9 @@ class _Trainer:
     def _evaluate(self, data: TaskData, stage: str) -> dict:
         """Held-out metrics (every process evaluates a shard), logged."""
         p = self.progress
-        final_eval = evaluate_sharded(self.accelerator, self.model, data.held_out, data.task)
+        final_eval = evaluate_sharded(
+            self.accelerator, self.model, data.held_out, data.task, data.choice_prior
+        )
         primary = final_eval["primary_metric"]
         p.eval_seconds += final_eval["eval_seconds"]
         p.final_eval = final_eval
