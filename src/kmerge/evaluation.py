@@ -92,7 +92,8 @@ def evaluate(
 
     Returns every metric, ``primary_metric`` (its name), n, mean prompt tokens, mean prompt
     positions fed (measured from the batches), their ratio, length reduction, P-LF1, wall time,
-    and the per-example predictions.
+    and the per-example predictions (choice tasks: also each example's chosen label,
+    ``choices``, and its loss for every label, ``choice_nll``).
     """
     if not examples:
         raise ValueError("evaluate needs at least one example")
