@@ -41,7 +41,12 @@ def test_amazon_reviews_train_and_eval(tiny_dir, tmp_path, capsys):
     assert {"choice_accuracy", "accuracy", "macro_f1", "p_lf1"} <= set(final)
     assert final["primary_metric"] == "choice_accuracy"
     assert final["mean_prompt_tokens"] <= 16  # every prompt was cut to the budget
-    assert json.loads((out / "results.json").read_text()) == summary
+    # The console gets the summary; results.json adds the per-example outputs.
+    assert "choices" not in final and "choice_nll" not in final
+    saved = json.loads((out / "results.json").read_text())
+    per_example = [saved["final_eval"].pop(key) for key in ("choices", "choice_nll")]
+    assert [len(values) for values in per_example] == [4, 4]
+    assert saved == summary
     assert "teacher_seconds" not in summary  # no teacher, no teacher cost
     data_record = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])["data"]
     assert data_record["prompts_cut"] == 8 + 4  # all training and held-out prompts are long

@@ -157,6 +157,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     from accelerate import PartialState
 
     from kmerge.checkpointing import TrainingInterrupted
+    from kmerge.evaluation import split_per_example
     from kmerge.training import NonFiniteLossError, train
 
     cfg = _train_config(args, output_dir=args.output_dir)
@@ -175,7 +176,8 @@ def cmd_train(args: argparse.Namespace) -> None:
         raise SystemExit(1) from None
     if not PartialState().is_main_process:
         return
-    final = {k: v for k, v in (result.final_eval or {}).items() if k != "predictions"}
+    final, per_example = split_per_example(result.final_eval or {})
+    per_example.pop("predictions", None)  # kmerge eval --output keeps the generations
     summary = {
         "task": cfg.task,
         "k": cfg.model.k,
@@ -186,7 +188,8 @@ def cmd_train(args: argparse.Namespace) -> None:
         "checkpoint": str(Path(args.output_dir) / "checkpoint"),
         "command": _command(args),
     }
-    _write_json(Path(args.output_dir) / "results.json", summary)
+    saved = summary | {"final_eval": final | per_example} if final else summary
+    _write_json(Path(args.output_dir) / "results.json", saved)
     print(json.dumps(summary))
 
 
@@ -298,7 +301,7 @@ def _load(args: argparse.Namespace):
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from kmerge.evaluation import evaluate
+    from kmerge.evaluation import evaluate, split_per_example
     from kmerge.tasks import build_task
     from kmerge.tasks.base import fit_prompts
     from kmerge.training import choice_prior
@@ -326,8 +329,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         k=getattr(args, "k", None) if args.checkpoint else None,
         choice_prior=prior,
     )
-    predictions = result.pop("predictions")
-    per_example = {key: result.pop(key) for key in ("choices", "choice_nll") if key in result}
+    result, per_example = split_per_example(result)
     result = {
         "task": f"{name}:{data.stage}" if name == "tree" else name,
         **result,
@@ -339,7 +341,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     }
     print(json.dumps(result, indent=2))
     if args.output:
-        _write_json(Path(args.output), result | {"predictions": predictions} | per_example)
+        _write_json(Path(args.output), result | per_example)
 
 
 def cmd_generate(args: argparse.Namespace) -> None:

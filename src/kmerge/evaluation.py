@@ -152,6 +152,16 @@ def evaluate(
     return out
 
 
+PER_EXAMPLE_KEYS = ("predictions", "choices", "choice_nll")
+
+
+def split_per_example(result: dict) -> tuple[dict, dict]:
+    """Split an evaluation into its summary metrics and its per-example outputs (one entry per
+    held-out example: worth a file, not a console)."""
+    summary = {k: v for k, v in result.items() if k not in PER_EXAMPLE_KEYS}
+    return summary, {k: result[k] for k in PER_EXAMPLE_KEYS if k in result}
+
+
 def _log_prior(
     prior: Mapping[str, float] | None, choices: Sequence[str] | None
 ) -> dict[str, float] | None:

@@ -13,6 +13,7 @@ import functools
 import time
 from pathlib import Path
 
+from kmerge.evaluation import split_per_example
 from kmerge.io import atomic_write_text, stored_json, write_csv, write_json
 from kmerge.metrics import p_lf1, perplexity_performance
 from kmerge.modeling import KMergeConfig
@@ -40,7 +41,7 @@ def train_row(cfg: TrainConfig, path: Path, command: str) -> dict:
         "batch_size": cfg.batch_size,
         "seed": cfg.seed,
         "train_seconds": result.train_seconds,
-        **{k: v for k, v in result.final_eval.items() if k not in ("predictions", "choices")},
+        **split_per_example(result.final_eval)[0],
         "data": data,
         "command": command,
         "machine": machine_info(),
