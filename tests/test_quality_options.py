@@ -95,6 +95,53 @@ def test_attention_pooling_batch_equals_single(tiny_model, tokenizer):
     check_batch_equals_single(model, prompts, answers_for(prompts))
 
 
+def test_block_jitter_recuts_prompts_in_training_only(tiny_model, tokenizer):
+    """In training each prompt gets extra random block starts on top of its segments (new cuts
+    at each call, the same for the same torch seed); in evaluation the layout is the plain
+    segments one, so evaluation and batched == one-by-one are untouched."""
+    prompts = ragged_prompts(tokenizer, 3) + TREE_PROMPTS[:2]
+    plain = tiny_model(4, block_alignment="segments")
+    model = tiny_model(4, block_alignment="segments", block_jitter=0.3)
+    assert model.prompt_layouts(prompts) == plain.prompt_layouts(prompts)
+    assert model.prepare(prompts).block_ends == plain.prepare(prompts).block_ends
+    check_batch_equals_single(model, prompts, answers_for(prompts))
+
+    model.train()
+    flags = plain._tokens(prompts, None)[2]  # the segment starts (newlines, commas)
+    segment_starts = [{t for t, flag in enumerate(row) if flag} for row in flags]
+    torch.manual_seed(0)
+    first = model.prompt_layouts(prompts)
+    second = model.prompt_layouts(prompts)
+    torch.manual_seed(0)
+    assert model.prompt_layouts(prompts) == first  # the run's seed decides the cuts
+    assert first != second  # a prompt seen again is cut anew
+    assert any(segment_starts)
+    for layout, starts in zip(first, segment_starts):
+        assert starts <= {a for a, _, _ in layout}  # no block straddles a segment, as before
+        assert all(b - a <= 4 for a, b, _ in layout)
+    assert sum(map(len, first)) > sum(map(len, plain.prompt_layouts(prompts)))  # finer cuts
+    torch.manual_seed(0)
+    batch = model.prepare(prompts, answers_for(prompts))
+    assert batch.block_ends == [[b - 1 for _, b, _ in spans] for spans in first]
+
+
+def test_attention_pooling_under_bf16_autocast_masks_padding(tiny_model, tokenizer):
+    """bf16 mixed precision (--mixed-precision bf16) computes the pooling scores in bf16: the
+    padding slots' score must be bf16's lowest, not fp32's (which overflows)."""
+    model = tiny_model(4, merge_pooling="attention", block_alignment="segments")
+    randomise_trainables(model, seed=8)
+    prompts = ragged_prompts(tokenizer, 4)
+    plain = model.prepare(prompts, answers_for(prompts))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = model.prepare(prompts, answers_for(prompts))
+        assert torch.isfinite(model.loss(mixed).loss)
+    mask = plain.attention_mask.bool()
+    assert torch.equal(mixed.attention_mask, plain.attention_mask)
+    torch.testing.assert_close(
+        mixed.inputs_embeds.float()[mask], plain.inputs_embeds[mask], atol=0.05, rtol=0.05
+    )
+
+
 def test_per_call_protect_spans(tiny_model, tokenizer):
     model = tiny_model(4)
     prompt = "one two three four five six seven eight"
@@ -127,6 +174,8 @@ def test_prompt_layouts_are_the_blocks_prepare_merges(tiny_model, tokenizer, k):
         ({"protect_last": -1}, "protect_last must be >= 0"),
         ({"merge_norm": "l2"}, "merge_norm must be"),
         ({"protect_surprising": 1.0}, r"share in \[0, 1\)"),
+        ({"block_jitter": 0.1}, "needs block_alignment='segments'"),
+        ({"block_jitter": 1.5, "block_alignment": "segments"}, r"block_jitter must be in"),
         (
             {"protect_last": 2, "prompt_compressor": "random_drop", "compression_ratio": 2.0},
             "cannot be combined",

@@ -105,7 +105,8 @@ class MergeEncoder(nn.Module):
         if self.pool_score is None:
             merged = blocks.sum(dim=2) / count.clamp(min=1.0)
         else:  # padding slots get the lowest score: weight 0 (uniform, of zeros, when all are)
-            scores = self.pool_score(blocks).masked_fill(mask == 0, torch.finfo(blocks.dtype).min)
+            scores = self.pool_score(blocks)  # under autocast its dtype may not be blocks'
+            scores = scores.masked_fill(mask == 0, torch.finfo(scores.dtype).min)
             merged = (scores.softmax(dim=2) * blocks).sum(dim=2)
         if self.token_norm:
             token_norms = blocks.norm(dim=-1, keepdim=True).sum(dim=2) / count.clamp(min=1.0)

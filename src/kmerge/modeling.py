@@ -77,6 +77,16 @@ class KMergeConfig:
         "with segments: characters whose token starts a new block",
         requires="block_alignment=segments",
     )
+    # An augmentation against memorising merged vectors: a prompt seen again in a later epoch is
+    # cut differently, so what stays the same is its tokens, not its blocks.
+    block_jitter: float = option(
+        0.0,
+        "training only: each prompt token also starts a new block with this probability, so "
+        "repeated prompts are merged differently each time (evaluation is unchanged)",
+        requires="block_alignment=segments",
+        minimum=0.0,
+        maximum=1.0,
+    )
     answer_separator: str = option(
         " ", "put between prompt and answer (the answer is tokenised alone)"
     )
@@ -140,6 +150,11 @@ class KMergeConfig:
         if not 0.0 <= self.protect_surprising < 1.0:
             raise KMergeConfigError(
                 f"protect_surprising is a share in [0, 1), got {self.protect_surprising}"
+            )
+        if self.block_jitter and self.block_alignment != "segments":
+            raise KMergeConfigError(
+                "block_jitter adds segment starts: it needs block_alignment='segments', got "
+                f"{self.block_alignment!r}"
             )
         protects = self.protect_pattern or self.protect_last or self.protect_surprising
         if self.prompt_compressor and protects:
@@ -353,7 +368,15 @@ class KMergeModel(nn.Module):
         prompt_tokens = [len(ids) for ids in prompt_ids]  # measured before any compression
         if self.compressor is not None:
             prompt_ids = self.compressor.compress(prompt_ids, self)
-        return prompt_ids, protected, self._segment_starts(prompt_ids), prompt_tokens
+        starts = self._segment_starts(prompt_ids)
+        if self.training and self.config.block_jitter and starts is not None:
+            # torch's global RNG: seeded by the run and saved in its checkpoints (exact resume).
+            p = self.config.block_jitter
+            starts = [
+                [cut or extra for cut, extra in zip(row, (torch.rand(len(row)) < p).tolist())]
+                for row in starts
+            ]
+        return prompt_ids, protected, starts, prompt_tokens
 
     def resolve_k(self, k: int | None) -> int:
         """The block size to merge at: ``k`` checked against the encoder (None: the config's)."""
