@@ -57,6 +57,13 @@ def test_train_eval_generate(tiny_dir, tmp_path, capsys):
     main(["eval", "--checkpoint", str(ckpt), "--eval-file", str(rows)])
     result = json.loads(capsys.readouterr().out)
     assert result["n"] == 2 and result["task"] == "jsonl"
+    # --split train scores the training rows instead (a memorisation check).
+    train_rows = tmp_path / "train.jsonl"
+    train_rows.write_text("".join(f'{{"prompt": "Q{i}:", "answer": "yes"}}\n' for i in range(3)))
+    files = ["--train-file", str(train_rows), "--eval-file", str(rows)]
+    main(["eval", "--checkpoint", str(ckpt), *files, "--split", "train"])
+    result = json.loads(capsys.readouterr().out)
+    assert result["n"] == 3 and result["split"] == "train"
 
     prompts = ["Tree: AA, Answer:", "Tree: BB\n+CC, Answer:"]
     main(["generate", "--checkpoint", str(ckpt), "--max-new-tokens", "3"]

@@ -312,7 +312,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     data = _train_config(args, model_flags=False)
     name, options = data.task, data.task_options
     task = build_task(name, data.seed, data.stage, data.n_eval, options=options)
-    examples = task.examples("test", data.n_eval)  # bad data fails before the model loads
+    examples = task.examples(args.split, data.n_eval)  # bad data fails before the model loads
     prior = None
     if data.choice_prior != "uniform":  # reads the training rows only when asked to
         prior = choice_prior(data, task, task.examples("train"))
@@ -332,6 +332,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     result, per_example = split_per_example(result)
     result = {
         "task": f"{name}:{data.stage}" if name == "tree" else name,
+        "split": args.split,
         **result,
         "prompts_cut": prompts_cut,
         "bad_rows_skipped": task.skipped_rows,
@@ -405,6 +406,7 @@ def _add_bench_args(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from kmerge.modeling import KMergeConfig
     from kmerge.pareto import SweepConfig
+    from kmerge.tasks.base import SPLITS
     from kmerge.training import TrainConfig
 
     parser = argparse.ArgumentParser(prog="kmerge", description=__doc__.splitlines()[0])
@@ -429,6 +431,13 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "eval":
             _add_data_args(p)
             p.add_argument("--output", default=None, help="write results + predictions as JSON")
+            p.add_argument(
+                "--split",
+                choices=SPLITS,
+                default="test",
+                help="rows to score: held-out (test) or a seeded sample of the training rows; "
+                "the gap between the two measures memorisation",
+            )
             longest = {"max_new_tokens": "tokens to generate (default: the longest reference + 1)"}
             add_options(p, DecodeConfig, skip=SAMPLING, help=longest)
         else:
