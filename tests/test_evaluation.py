@@ -108,6 +108,22 @@ def test_generate_n_limits_generation_only(model):
     assert len(result["choices"]) == 5  # scoring still covers every example
 
 
+def test_generate_n_zero_scores_choices_and_reports_no_accuracy(model):
+    full = evaluate(model, EXAMPLES, Sentiment(), progress=False)
+    result = evaluate(model, EXAMPLES, Sentiment(), generate_n=0, progress=False)
+    assert result["n_generated"] == 0 and "accuracy" not in result
+    assert result["predictions"] == [None] * 5
+    assert result["choices"] == full["choices"]
+    assert result["choice_accuracy"] == pytest.approx(full["choice_accuracy"])
+
+
+def test_generate_n_zero_is_refused_when_the_primary_metric_is_generated(model):
+    task = Sentiment()
+    task.primary_metric = "accuracy"
+    with pytest.raises(KMergeConfigError, match="generate_n=0"):
+        evaluate(model, EXAMPLES, task, generate_n=0, progress=False)
+
+
 def test_compression_is_measured(model):
     result = evaluate(model, EXAMPLES, Sentiment(), progress=False)
     batch = model.prepare([e.prompt for e in EXAMPLES])

@@ -111,6 +111,12 @@ def evaluate(
     n_generate = 0
     if set(GENERATION_METRICS) & set(metrics):
         n_generate = len(examples) if generate_n is None else min(generate_n, len(examples))
+    primary = task.primary_metric if task else "accuracy"
+    if primary in GENERATION_METRICS and examples and n_generate == 0:
+        raise KMergeConfigError(
+            f"generate_n=0 generates nothing, but the primary metric {primary!r} is measured "
+            "on generated answers: use generate_n >= 1"
+        )
     if max_new_tokens is None and n_generate:
         tok, sep = model.tokenizer, model.config.answer_separator
         longest = max(len(tok(sep + e.answer)["input_ids"]) for e in examples[:n_generate])
@@ -139,7 +145,6 @@ def evaluate(
     if gather is not None:
         records = gather(records)
     result = summarise(records, metrics, choices, reference_perplexity)
-    primary = task.primary_metric if task else "accuracy"
     out = result | {
         "k": model.k if k is None else k,
         "primary_metric": primary,
@@ -306,10 +311,11 @@ def summarise(
     positions_fed = sum(r["positions_fed"] for r in records)
     out: dict = {"n": n}
     generated = [r for r in records if "prediction" in r]
-    if "accuracy" in metrics:
+    # Generation metrics average over the generated examples only (generate_n may be 0).
+    if "accuracy" in metrics and generated:
         hits = [exact_match(r["prediction"], r["answer"]) for r in generated]
         out["accuracy"] = sum(hits) / len(hits)
-    if "edit_similarity" in metrics:
+    if "edit_similarity" in metrics and generated:
         sims = [line_edit_similarity(r["prediction"], r["answer"]) for r in generated]
         out["edit_similarity"] = sum(sims) / len(sims)
     if set(GENERATION_METRICS) & set(metrics):
