@@ -152,6 +152,56 @@ def test_per_call_protect_spans(tiny_model, tokenizer):
     assert spans.positions_fed[0] == plain.positions_fed[0] + 1
 
 
+def test_token_dropout_leaves_out_unprotected_tokens_in_training_only(tiny_model, tokenizer):
+    """In training each unprotected prompt token is left out with probability p (other tokens
+    at each call, the same for the same torch seed; protected tokens and the tokens' order
+    kept, never an empty prompt); in evaluation the prompt is whole, and batched == one-by-one
+    holds."""
+    prompts = ragged_prompts(tokenizer, 3) + TREE_PROMPTS[:2]
+    plain = tiny_model(4, protect_last=2)
+    model = tiny_model(4, protect_last=2, token_dropout=0.5)
+    full = plain._tokens(prompts, None)[0]
+    assert model._tokens(prompts, None)[0] == full
+    assert model.prepare(prompts).block_ends == plain.prepare(prompts).block_ends
+    check_batch_equals_single(model, prompts, answers_for(prompts))
+
+    model.train()
+    torch.manual_seed(0)
+    first, flags, _, counts = model._tokens(prompts, None)
+    second = model._tokens(prompts, None)[0]
+    torch.manual_seed(0)
+    assert model._tokens(prompts, None)[0] == first  # the run's seed decides what is left out
+    assert first != second  # a prompt seen again loses other tokens
+    assert counts == [len(ids) for ids in full]  # compression counts the whole prompt
+    assert sum(map(len, first)) < 0.8 * sum(map(len, full))
+    for kept, whole, raw in zip(first, full, flags):
+        last = min(2, len(whole))
+        assert kept[-last:] == whole[-last:] and raw[-last:] == [True] * last  # always kept
+        assert not any(raw[:-last])
+        it = iter(whole)
+        assert all(t in it for t in kept)  # a subsequence: order kept
+    torch.manual_seed(0)
+    layouts = model.prompt_layouts(prompts)
+    assert [b for spans in layouts for b in [spans[-1][1]]] == [len(ids) for ids in first]
+    torch.manual_seed(0)
+    batch = model.prepare(prompts, answers_for(prompts))
+    assert batch.block_ends == [[b - 1 for _, b, _ in spans] for spans in layouts]
+    assert batch.prompt_tokens == [len(ids) for ids in full]
+
+    nearly_all = tiny_model(4, token_dropout=0.99)
+    nearly_all.train()
+    kept = nearly_all._tokens(prompts, None)[0]
+    assert all(len(ids) >= 1 for ids in kept)
+    assert sum(map(len, kept)) < sum(map(len, full)) / 4
+
+
+def test_token_dropout_refuses_a_teacher(tiny_model):
+    from kmerge.distillation import Distiller
+
+    with pytest.raises(KMergeConfigError, match="token_dropout cannot be combined with a teacher"):
+        Distiller(tiny_model(4, token_dropout=0.1), "base", prompt_weight=1.0)
+
+
 @pytest.mark.parametrize("k", [4, 2])
 def test_prompt_layouts_are_the_blocks_prepare_merges(tiny_model, tokenizer, k):
     """What diagnostics read as a model's layout is the layout the model feeds: every span ends
@@ -175,6 +225,8 @@ def test_prompt_layouts_are_the_blocks_prepare_merges(tiny_model, tokenizer, k):
         ({"merge_norm": "l2"}, "merge_norm must be"),
         ({"protect_surprising": 1.0}, r"share in \[0, 1\)"),
         ({"block_jitter": 0.1}, "needs block_alignment='segments'"),
+        ({"token_dropout": 1.0}, r"probability in \[0, 1\)"),
+        ({"token_dropout": -0.1}, r"probability in \[0, 1\)"),
         ({"block_jitter": 1.5, "block_alignment": "segments"}, r"block_jitter must be in"),
         (
             {"protect_last": 2, "prompt_compressor": "random_drop", "compression_ratio": 2.0},

@@ -100,6 +100,9 @@ class Distiller:
             raise KMergeConfigError(f"distillation temperature must be > 0, got {temperature}")
         if kl_weight < 0 or hidden_weight < 0 or prompt_weight < 0:
             raise KMergeConfigError("distillation weights must be >= 0")
+        if student.config.token_dropout:
+            # the teacher's plain prompt would lose other tokens than the student's
+            raise KMergeConfigError("token_dropout cannot be combined with a teacher")
         self.kl_weight, self.temperature, self.hidden_weight = kl_weight, temperature, hidden_weight
         self.prompt_weight = prompt_weight
         self.focal_gamma = focal_gamma  # of the student's own answer-token loss

@@ -87,6 +87,13 @@ class KMergeConfig:
         minimum=0.0,
         maximum=1.0,
     )
+    # The same aim by content: a prompt seen again loses other tokens, so its merged vectors
+    # differ each time, and the shorter prompts make a step cheaper instead of dearer.
+    token_dropout: float = option(
+        0.0,
+        "training only: each prompt token that is not protected is left out with this "
+        "probability before merging (evaluation is unchanged)",
+    )
     answer_separator: str = option(
         " ", "put between prompt and answer (the answer is tokenised alone)"
     )
@@ -150,6 +157,10 @@ class KMergeConfig:
         if not 0.0 <= self.protect_surprising < 1.0:
             raise KMergeConfigError(
                 f"protect_surprising is a share in [0, 1), got {self.protect_surprising}"
+            )
+        if not 0.0 <= self.token_dropout < 1.0:
+            raise KMergeConfigError(
+                f"token_dropout is a probability in [0, 1), got {self.token_dropout}"
             )
         if self.block_jitter and self.block_alignment != "segments":
             raise KMergeConfigError(
@@ -368,6 +379,8 @@ class KMergeModel(nn.Module):
         prompt_tokens = [len(ids) for ids in prompt_ids]  # measured before any compression
         if self.compressor is not None:
             prompt_ids = self.compressor.compress(prompt_ids, self)
+        if self.training and self.config.token_dropout:
+            prompt_ids, protected = self._drop_tokens(prompt_ids, protected)
         starts = self._segment_starts(prompt_ids)
         if self.training and self.config.block_jitter and starts is not None:
             # torch's global RNG: seeded by the run and saved in its checkpoints (exact resume).
@@ -377,6 +390,22 @@ class KMergeModel(nn.Module):
                 for row in starts
             ]
         return prompt_ids, protected, starts, prompt_tokens
+
+    def _drop_tokens(
+        self, prompt_ids: list[list[int]], protected: list[list[bool]] | None
+    ) -> tuple[list[list[int]], list[list[bool]] | None]:
+        """token_dropout: each unprotected token is left out with probability p (torch's global
+        RNG, like block_jitter); a prompt keeps its last token when every other one is drawn."""
+        p = self.config.token_dropout
+        kept_ids, kept_flags = [], []
+        for i, ids in enumerate(prompt_ids):
+            flags = protected[i] if protected else [False] * len(ids)
+            keep = [raw or draw for raw, draw in zip(flags, (torch.rand(len(ids)) >= p).tolist())]
+            if ids and not any(keep):
+                keep[-1] = True
+            kept_ids.append([t for t, k in zip(ids, keep) if k])
+            kept_flags.append([f for f, k in zip(flags, keep) if k])
+        return kept_ids, kept_flags if protected else None
 
     def resolve_k(self, k: int | None) -> int:
         """The block size to merge at: ``k`` checked against the encoder (None: the config's)."""
