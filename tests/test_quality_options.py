@@ -182,7 +182,7 @@ def test_token_dropout_leaves_out_unprotected_tokens_in_training_only(tiny_model
         assert all(t in it for t in kept)  # a subsequence: order kept
     torch.manual_seed(0)
     layouts = model.prompt_layouts(prompts)
-    assert [b for spans in layouts for b in [spans[-1][1]]] == [len(ids) for ids in first]
+    assert [spans[-1][1] for spans in layouts] == [len(ids) for ids in first]
     torch.manual_seed(0)
     batch = model.prepare(prompts, answers_for(prompts))
     assert batch.block_ends == [[b - 1 for _, b, _ in spans] for spans in layouts]
