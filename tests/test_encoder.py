@@ -9,7 +9,13 @@ from kmerge.errors import KMergeConfigError
 HIDDEN = 8
 KS = [1, 2, 3, 4, 8]
 # Encoder variants every masking and init property must hold for.
-OPTIONS = [{}, {"input_norm": True}, {"attention_pooling": True}]
+OPTIONS = [
+    {},
+    {"input_norm": True},
+    {"attention_pooling": True},
+    {"context": 1},
+    {"context": 2, "input_norm": True},
+]
 
 
 def random_blocks(k, batch=3, n=5, seed=0):
@@ -123,6 +129,45 @@ def test_perturbed_encoder_has_gradients_everywhere(options):
     for name, p in encoder.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
         assert torch.isfinite(p.grad).all(), name  # empty blocks too
+
+
+@pytest.mark.parametrize("context", [0, 1, 2])
+def test_context_reads_exactly_the_neighbours_within_reach(context):
+    """With context C a block's output changes when a block at most C away changes, and
+    never when one further away does; at C = 0 a block reads only itself."""
+    blocks = torch.randn(1, 7, 4, HIDDEN)
+    mask = torch.ones(1, 7, 4, dtype=torch.bool)
+    encoder = MergeEncoder(HIDDEN, 4, context=context)
+    perturb_mlp(encoder)
+    out = encoder(blocks, mask)
+    changed = blocks.clone()
+    changed[0, 3] += torch.randn(4, HIDDEN)
+    moved = (encoder(changed, mask) - out).abs().amax(dim=-1)[0]  # per block
+    for i in range(7):
+        assert (moved[i] > 1e-4) == (abs(i - 3) <= context), (i, moved.tolist())
+
+
+@pytest.mark.parametrize("context", [1, 2])
+def test_context_sees_padding_as_the_prompts_end(context):
+    """A prompt padded with empty blocks (as in a batch) merges exactly as alone: its last
+    blocks' missing neighbours are zeros either way, whatever the padding slots hold."""
+    blocks = torch.randn(1, 5, 4, HIDDEN)
+    mask = torch.ones(1, 5, 4, dtype=torch.bool)
+    mask[0, 4, 2:] = False  # a partial last block
+    encoder = MergeEncoder(HIDDEN, 4, context=context)
+    perturb_mlp(encoder)
+    alone = encoder(blocks, mask)
+    padded = torch.cat([blocks, torch.randn(1, 3, 4, HIDDEN) * 1e3], dim=1)
+    padded_mask = torch.cat([mask, torch.zeros(1, 3, 4, dtype=torch.bool)], dim=1)
+    out = encoder(padded, padded_mask)
+    torch.testing.assert_close(out[:, :5], alone, rtol=0, atol=0)
+    assert torch.equal(out[:, 5:], torch.zeros_like(out[:, 5:]))
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, True, "1"])
+def test_bad_context_rejected(bad):
+    with pytest.raises(KMergeConfigError, match="encoder context must be an integer >= 0"):
+        MergeEncoder(HIDDEN, 4, context=bad)
 
 
 def test_attention_pooling_is_a_softmax_weighted_mean_of_the_real_tokens():

@@ -155,6 +155,8 @@ def test_batch_equals_single(tiny_model, tokenizer, k, align):
         {"prepend_bos": True},
         {"encoder_input_norm": True, "encoder_layers": 3, "encoder_hidden_size": 16},
         {"prepend_bos": True, "block_alignment": "segments", "encoder_input_norm": True},
+        {"encoder_context": 1},
+        {"encoder_context": 2, "block_alignment": "segments", "protect_pattern": r"[,:]"},
     ],
 )
 def test_batch_equals_single_options(tiny_model, tokenizer, options):
@@ -322,6 +324,7 @@ def assert_same_trained_tensors(loaded, model):
         (4, {}),
         (4, {"prepend_bos": True, "block_alignment": "segments", "encoder_input_norm": True}),
         (4, {"merge_pooling": "attention"}),
+        (4, {"encoder_context": 1}),
     ],
 )
 def test_save_load_round_trip(tiny_model, tiny_base, tokenizer, tmp_path, k, options):
@@ -417,7 +420,13 @@ def test_refuses_edited_k(checkpoint, tiny_base, tokenizer, new_k):
 
 
 @pytest.mark.parametrize(
-    "edit", [{"encoder_input_norm": True}, {"encoder_layers": 3}, {"encoder_hidden_size": 8}]
+    "edit",
+    [
+        {"encoder_input_norm": True},
+        {"encoder_layers": 3},
+        {"encoder_hidden_size": 8},
+        {"encoder_context": 1},
+    ],
 )
 def test_refuses_edited_encoder_shape(checkpoint, tiny_base, tokenizer, edit):
     """Any encoder setting that disagrees with the saved tensors is caught."""

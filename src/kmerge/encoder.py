@@ -4,12 +4,15 @@
 initialisation the encoder is exactly the mean of each block's real tokens ("average init")
 and training learns a correction on top. The MLP reads the block as a concatenation, which,
 unlike the mean, knows the order of the tokens inside the block. With attention pooling the
-mean is a learned weighted one, which also starts uniform.
+mean is a learned weighted one, which also starts uniform. With ``context`` C the MLP also
+reads the plain means of the C blocks on either side, so a block's correction can depend on
+its neighbours (a negation just before it, the line it continues).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from kmerge.errors import KMergeConfigError
@@ -46,6 +49,9 @@ class MergeEncoder(nn.Module):
             softmax over the block of a learned score of its embedding. The score starts at
             zero, so the weights start uniform and the encoder still starts as the mean; trained,
             it can let a block's content tokens outweigh its newlines and punctuation.
+        context: how many neighbouring blocks on each side the MLP reads, each as its plain
+            mean (zeros past either end of the prompt and for padded blocks, so a batch and
+            each example alone see the same neighbours). 0 reads the block alone (the paper).
     """
 
     def __init__(
@@ -58,6 +64,7 @@ class MergeEncoder(nn.Module):
         token_norm: bool = False,
         attention_pooling: bool = False,
         center: torch.Tensor | None = None,
+        context: int = 0,
     ) -> None:
         super().__init__()
         self.hidden_size = hidden_size
@@ -69,14 +76,18 @@ class MergeEncoder(nn.Module):
         self.k = check_k(k)
         if num_layers < 1:
             raise KMergeConfigError(f"encoder num_layers must be >= 1, got {num_layers}")
+        if isinstance(context, bool) or not isinstance(context, int) or context < 0:
+            raise KMergeConfigError(f"encoder context must be an integer >= 0, got {context!r}")
+        self.context = context
         self.mlp: nn.Sequential | None = None
         self.pool_score: nn.Linear | None = None
         if self.k > 1 and attention_pooling:
             self.pool_score = nn.Linear(hidden_size, 1, bias=False)  # softmax ignores a bias
         if self.k > 1:
             width = mlp_hidden_size or hidden_size
-            dims = [self.k * hidden_size] + [width] * (num_layers - 1) + [hidden_size]
-            layers: list[nn.Module] = [nn.LayerNorm(self.k * hidden_size)] if input_norm else []
+            d_in = (self.k + 2 * context) * hidden_size
+            dims = [d_in] + [width] * (num_layers - 1) + [hidden_size]
+            layers: list[nn.Module] = [nn.LayerNorm(d_in)] if input_norm else []
             for i, (d_in, d_out) in enumerate(zip(dims[:-1], dims[1:])):
                 layers.append(nn.Linear(d_in, d_out))
                 if i < num_layers - 1:
@@ -114,6 +125,20 @@ class MergeEncoder(nn.Module):
         if self.center is not None:
             merged = self.center + (merged - self.center) * count.clamp(min=1.0).sqrt()
         if self.mlp is not None:
-            merged = merged + self.mlp(blocks.flatten(2))
+            merged = merged + self.mlp(self._mlp_input(blocks, count))
         # A block with no real token is padding: make it exactly zero (it is masked anyway).
         return merged * (count > 0).to(blocks.dtype)
+
+    def _mlp_input(self, blocks: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+        """The block's tokens, concatenated, then the plain means of its C neighbours on
+        each side (nearest first; zeros where there is no real block)."""
+        flat = blocks.flatten(2)  # [B, N, K*H]
+        if not self.context:
+            return flat
+        means = blocks.sum(dim=2) / count.clamp(min=1.0)  # [B, N, H]; padded blocks: zeros
+        n = means.shape[1]
+        neighbours = []
+        for d in range(1, self.context + 1):
+            neighbours.append(F.pad(means, (0, 0, d, 0))[:, :n])  # block i - d
+            neighbours.append(F.pad(means, (0, 0, 0, d))[:, d:])  # block i + d
+        return torch.cat([flat, *neighbours], dim=-1)

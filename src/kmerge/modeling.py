@@ -66,6 +66,9 @@ class KMergeConfig:
     encoder_input_norm: bool = option(
         False, "LayerNorm the concatenated block before the encoder MLP"
     )
+    encoder_context: int = option(
+        0, "neighbouring blocks on each side whose mean the encoder MLP also reads", minimum=0
+    )
     prepend_bos: bool = option(False, "one unmerged BOS position before the merged prompt")
     block_alignment: BlockAlignment = option(
         "start",
@@ -288,6 +291,7 @@ class KMergeModel(nn.Module):
             config.merge_norm == "token",
             config.merge_pooling == "attention",
             emb.detach().float().mean(dim=0) if config.merge_norm == "centered" else None,
+            config.encoder_context,
         ).to(device=emb.device, dtype=emb.dtype)
 
     # ---------------------------------------------------------------- properties
@@ -678,7 +682,8 @@ class KMergeModel(nn.Module):
                 f"(K={config.k}, "
                 f"encoder_layers={config.encoder_layers}, encoder_hidden_size="
                 f"{config.encoder_hidden_size}, encoder_input_norm={config.encoder_input_norm}, "
-                f"merge_pooling={config.merge_pooling}): "
+                f"merge_pooling={config.merge_pooling}, "
+                f"encoder_context={config.encoder_context}): "
                 f"expected tensors {expected}, found {saved}"
             )
         encoder.load_state_dict(encoder_state)
