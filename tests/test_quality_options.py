@@ -15,6 +15,7 @@ from kmerge.evaluation import evaluate
 from kmerge.modeling import KMergeConfig, KMergeModel
 from kmerge.reconstruction import (
     RECONSTRUCT_INSTRUCTION,
+    continuation_example,
     is_reconstruction_step,
     reconstruction_example,
 )
@@ -823,6 +824,45 @@ def test_reconstruction_example_repeats_the_prompt_after_a_raw_instruction(tiny_
     n_instruction = len(tokenizer(RECONSTRUCT_INSTRUCTION, add_special_tokens=False)["input_ids"])
     n_kept = len(tokenizer("/Child", add_special_tokens=False)["input_ids"]) + 1  # + "Parent"
     assert batch.raw_positions == [n_instruction + n_kept]  # both texts stay ordinary tokens
+
+
+@pytest.mark.parametrize(
+    "prompt, expected_cut",
+    [
+        ("one two three four", 7),  # the whitespace nearest the middle (9) is at 7
+        ("Review: great product, works well. Label:", 22),
+        ("nowhitespace", 6),  # no whitespace: the middle character
+        (" x", 1),  # a cut at 0 would leave no prompt
+    ],
+)
+def test_continuation_example_cuts_at_the_whitespace_nearest_the_middle(prompt, expected_cut):
+    example = Example(prompt, "positive", meta={"protect": ["Label:"]})
+    cont = continuation_example(example)
+    assert cont.prompt == prompt[:expected_cut] and cont.answer == prompt[expected_cut:]
+    assert cont.prompt + cont.answer == prompt  # nothing lost, nothing added
+    assert cont.meta == example.meta
+    assert reconstruction_example(example, "continue") == cont
+
+
+def test_training_with_continuation_steps(tiny_model, tmp_path):
+    """--reconstruct-objective continue: the reconstruction steps (and only they) train the
+    model to write the second half of each prompt after its merged first half."""
+    model = tiny_model(4)
+    calls = spy_on_forward(model)
+    cfg = small_run(tmp_path, steps=8, reconstruct_share=0.25, reconstruct_objective="continue")
+    train(cfg, model)
+    task_prompts = {p for prompts, _, _ in calls for p in prompts if "Answer:" in p}
+    assert task_prompts  # the task's steps see whole prompts
+    for step, (prompts, answers, _) in enumerate(calls):
+        continued = is_reconstruction_step(step, 0.25)
+        assert all(("Answer:" not in p) == continued for p in prompts)
+        if continued:
+            assert all(a[0].isspace() and p for p, a in zip(prompts, answers))
+
+
+def test_continuation_objective_needs_reconstruction_steps(tmp_path):
+    with pytest.raises(KMergeConfigError, match="needs reconstruction steps"):
+        small_run(tmp_path, reconstruct_objective="continue")
 
 
 def test_reconstruction_steps_are_spread_evenly():

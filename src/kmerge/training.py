@@ -46,7 +46,7 @@ from kmerge.io import atomic_write_text, write_json
 from kmerge.modeling import KMergeConfig, KMergeModel
 from kmerge.options import check_values, from_known_keys, option
 from kmerge.provenance import as_json, differences
-from kmerge.reconstruction import is_reconstruction_step, reconstruction_example
+from kmerge.reconstruction import Objective, is_reconstruction_step, reconstruction_example
 from kmerge.tasks import Example, Task, build_task, check_stages, task_stages
 from kmerge.tasks.base import example_protect_spans, fit_prompts, name_example
 
@@ -228,6 +228,12 @@ class TrainConfig:
         minimum=0.0,
         maximum=1.0,
     )
+    reconstruct_objective: Objective = option(
+        "repeat",
+        "what reconstruction steps train: repeat: the merged prompt back as tokens "
+        "(autoencoding); continue: the prompt's first half merged, its second half as the "
+        "answer (text continuation)",
+    )
     seed: int = option(0, "seed of data, initialisation and sampling")
     output_dir: str | None = option(None, "checkpoint, metrics, results")
     progress: bool = option(True, "progress bar")
@@ -287,6 +293,13 @@ class TrainConfig:
             raise KMergeConfigError(
                 f"distill_until ({self.distill_until}) must be above distill_match_warmup "
                 f"({self.distill_match_warmup}): the teacher would go before the task is trained"
+            )
+        if self.reconstruct_objective != "repeat" and not (
+            self.reconstruct_share or self.reconstruct_warmup
+        ):
+            raise KMergeConfigError(
+                f"reconstruct_objective={self.reconstruct_objective!r} needs reconstruction "
+                "steps: set reconstruct_share or reconstruct_warmup"
             )
         for name in ("reconstruct_share", "reconstruct_warmup"):
             if getattr(self, name) == 1.0:
@@ -867,7 +880,7 @@ class _Trainer:
         for _ in range(cfg.grad_accum):
             batch = next(batches)
             if reconstruct:
-                batch = [reconstruction_example(e) for e in batch]
+                batch = [reconstruction_example(e, cfg.reconstruct_objective) for e in batch]
             with acc.accumulate(self.model):
                 try:
                     total = self._loss(batch, k, reconstruct, match_only)
