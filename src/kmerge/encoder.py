@@ -85,9 +85,9 @@ class MergeEncoder(nn.Module):
             self.pool_score = nn.Linear(hidden_size, 1, bias=False)  # softmax ignores a bias
         if self.k > 1:
             width = mlp_hidden_size or hidden_size
-            d_in = (self.k + 2 * context) * hidden_size
-            dims = [d_in] + [width] * (num_layers - 1) + [hidden_size]
-            layers: list[nn.Module] = [nn.LayerNorm(d_in)] if input_norm else []
+            mlp_in = (self.k + 2 * context) * hidden_size
+            dims = [mlp_in] + [width] * (num_layers - 1) + [hidden_size]
+            layers: list[nn.Module] = [nn.LayerNorm(mlp_in)] if input_norm else []
             for i, (d_in, d_out) in enumerate(zip(dims[:-1], dims[1:])):
                 layers.append(nn.Linear(d_in, d_out))
                 if i < num_layers - 1:
@@ -113,8 +113,9 @@ class MergeEncoder(nn.Module):
         mask = mask.to(blocks.dtype).unsqueeze(-1)  # [B, N, K, 1]
         blocks = blocks * mask  # padding slots become exact zeros, whatever was there
         count = mask.sum(dim=2)  # [B, N, 1]
+        mean = blocks.sum(dim=2) / count.clamp(min=1.0)  # padded blocks: zeros
         if self.pool_score is None:
-            merged = blocks.sum(dim=2) / count.clamp(min=1.0)
+            merged = mean
         else:  # padding slots get the lowest score: weight 0 (uniform, of zeros, when all are)
             scores = self.pool_score(blocks)  # under autocast its dtype may not be blocks'
             scores = scores.masked_fill(mask == 0, torch.finfo(scores.dtype).min)
@@ -125,17 +126,16 @@ class MergeEncoder(nn.Module):
         if self.center is not None:
             merged = self.center + (merged - self.center) * count.clamp(min=1.0).sqrt()
         if self.mlp is not None:
-            merged = merged + self.mlp(self._mlp_input(blocks, count))
+            merged = merged + self.mlp(self._mlp_input(blocks, mean))
         # A block with no real token is padding: make it exactly zero (it is masked anyway).
         return merged * (count > 0).to(blocks.dtype)
 
-    def _mlp_input(self, blocks: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
-        """The block's tokens, concatenated, then the plain means of its C neighbours on
-        each side (nearest first; zeros where there is no real block)."""
+    def _mlp_input(self, blocks: torch.Tensor, means: torch.Tensor) -> torch.Tensor:
+        """The block's tokens, concatenated, then the plain means ``[B, N, H]`` of its C
+        neighbours on each side (nearest first; zeros where there is no real block)."""
         flat = blocks.flatten(2)  # [B, N, K*H]
         if not self.context:
             return flat
-        means = blocks.sum(dim=2) / count.clamp(min=1.0)  # [B, N, H]; padded blocks: zeros
         n = means.shape[1]
         neighbours = []
         for d in range(1, self.context + 1):
