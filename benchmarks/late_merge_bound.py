@@ -4,6 +4,12 @@
         --train-steps 150 --eval-every 50 --seed 0 --output runs/q/bound-l8-s0.json
 
 (``--steps 5000``: the held-out questions and schedule of the K=1 runs ``z7-k1-2500-s0``.)
+Amazon Reviews, at K=1's step count of a 20-CPU-minute run, in bf16:
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/late_merge_bound.py --task amazon_reviews \
+        --data-dir ../shared/data/amazon_reviews --max-prompt-tokens 96 --batch-size 16 \
+        --balance-classes --bf16 --layers 8 --steps 230 --eval-every 1000 --seed 0 \
+        --output runs/q/bound-amz-l8-s0.json
 
 Prompt distillation (``--teacher base``) asks each merged position to hold, in the first L
 layers, what the plain prompt holds at its block's last token. This script trains the case
@@ -15,10 +21,12 @@ It is an upper bound for prompt distillation over L layers, not a compression me
 first L layers still run at the full length. L = 0 is K-Token Merging's layout with each
 block replaced by its last token's embedding (token dropping).
 
-Same data, held-out questions, LoRA, optimiser and schedule as ``kmerge train --stage small
---steps STEPS`` with the given seed (the held-out trees depend on ``--steps``). Accuracy is
-choice accuracy ("true" against "false" by answer likelihood), evaluated every
-``--eval-every`` steps; the process's CPU seconds of optimisation are logged with it.
+Same data, held-out examples, LoRA, optimiser and schedule as ``kmerge train --stage small
+--steps STEPS`` (or ``--task ...`` with the data flags given here) with the given seed (the
+held-out trees depend on ``--steps``). Accuracy is choice accuracy (the task's answer choices,
+"true" against "false" on the tree, by answer likelihood), with ROC-AUC for two choices,
+evaluated every ``--eval-every`` steps; the process's CPU seconds of optimisation are logged
+with it.
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ from pathlib import Path
 
 import torch
 
+from kmerge.metrics import roc_auc
 from kmerge.modeling import KMergeConfig, KMergeModel
 from kmerge.training import Progress, TrainConfig, _lr_factor, load_data, make_optimizer
 
@@ -84,20 +93,25 @@ def answer_nll(model: KMergeModel, late: LateMask, prompts: list[str], answers: 
 
 
 @torch.no_grad()
-def choice_accuracy(model, late, examples, choices=("true", "false"), batch_size=32) -> float:
+def choice_scores(model, late, examples, choices, batch_size=32) -> dict[str, float]:
+    """Choice accuracy (the likelier answer) and, for two choices, ROC-AUC of the difference
+    of their negative log-likelihoods."""
     model.eval()
-    hits = 0
+    nll = []  # per example, per choice
     for i in range(0, len(examples), batch_size):
         chunk = examples[i : i + batch_size]
         prompts = [e.prompt for e in chunk]
-        scores = []
+        per_choice = []
         for choice in choices:
             out = answer_nll(model, late, prompts, [choice] * len(chunk))
-            scores.append(out.example_losses * out.answer_tokens)
-        best = torch.stack(scores).argmin(0).tolist()
-        hits += sum(choices[j] == e.answer for j, e in zip(best, chunk))
+            per_choice.append((out.example_losses * out.answer_tokens).tolist())
+        nll += list(zip(*per_choice))
     model.train()
-    return hits / len(examples)
+    best = [choices[min(range(len(choices)), key=row.__getitem__)] for row in nll]
+    out = {"accuracy": sum(b == e.answer for b, e in zip(best, examples)) / len(examples)}
+    if len(choices) == 2:
+        out["auc"] = roc_auc([a - b for a, b in nll], [e.answer == choices[1] for e in examples])
+    return out
 
 
 def main() -> None:
@@ -109,16 +123,29 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--n-eval", type=int, default=512)
     parser.add_argument("--eval-every", type=int, default=25)
+    parser.add_argument("--task", default="tree")
+    parser.add_argument("--data-dir", default=None, help="the task's data (not for the tree)")
+    parser.add_argument("--max-prompt-tokens", type=int, default=None)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--balance-classes", action="store_true")
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast, eager attention")
     parser.add_argument("--output", type=Path, required=True)
     args = parser.parse_args()
 
     cfg = TrainConfig(
-        stage="small", steps=args.steps, seed=args.seed, n_eval=args.n_eval,
+        task=args.task, task_options={"data_dir": args.data_dir} if args.data_dir else {},
+        stage="small", steps=args.steps, seed=args.seed,
+        n_eval=args.n_eval, batch_size=args.batch_size, max_prompt_tokens=args.max_prompt_tokens,
+        balance_classes=args.balance_classes,
         model=KMergeConfig(k=args.k, block_alignment="segments"),
     )  # fmt: skip
     torch.manual_seed(cfg.seed)
     model = KMergeModel.from_base(cfg.model.base_model, cfg.model)
     data = load_data(dataclasses.replace(cfg, output_dir=None), model.tokenizer)
+    choices = tuple(data.task.answer_choices or ("true", "false"))
+    if args.bf16:  # as kmerge train does in bf16 on a CPU (training_attention)
+        model.lm.set_attn_implementation("eager")
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16)
     late = LateMask(model, args.layers)
     opt = make_optimizer(model, cfg)  # the encoder gets no gradient: only the LoRA moves
     params = [p for group in opt.param_groups for p in group["params"]]
@@ -131,7 +158,9 @@ def main() -> None:
     for step in range(1, (args.train_steps or cfg.steps) + 1):
         chunk = train[(step - 1) * cfg.batch_size : step * cfg.batch_size]
         started = time.process_time()
-        loss = answer_nll(model, late, [e.prompt for e in chunk], [e.answer for e in chunk]).loss
+        prompts, answers = [e.prompt for e in chunk], [e.answer for e in chunk]
+        with autocast:
+            loss = answer_nll(model, late, prompts, answers).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
@@ -139,9 +168,10 @@ def main() -> None:
         sched.step()
         cpu += time.process_time() - started
         if step % args.eval_every == 0 or step == (args.train_steps or cfg.steps):
-            acc = choice_accuracy(model, late, data.held_out)
+            with autocast:
+                scores = choice_scores(model, late, data.held_out, choices)
             record = {"step": step, "loss": float(loss.detach()), "cpu_seconds": cpu}
-            records.append(record | {"accuracy": acc})
+            records.append(record | scores)
             print(json.dumps(records[-1]), flush=True)
             args.output.write_text(json.dumps({"args": vars(args) | {"output": str(args.output)},
                                                "records": records}, indent=1))  # fmt: skip
