@@ -9,7 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from kmerge.evaluation import evaluate
 from kmerge.tasks import get_task
+from kmerge.tasks.base import Example, Task
+from tests.conftest import randomise_trainables
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
@@ -360,6 +363,43 @@ def test_late_merge_bound_batched_equals_one_by_one_and_no_mask_is_the_plain_mod
                        for p, a in zip(prompts, answers)])  # fmt: skip
     torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-4)
     assert not torch.allclose(together, plain)  # the mask is in force from layer 1 on
+
+
+def test_late_merge_bound_choice_scores_are_evaluate_at_k1_with_no_layer_masked(
+    late_merge_bound, tiny_model
+):
+    """With the mask in force at no layer, the bound's choice accuracy and ROC-AUC are what
+    ``evaluate`` reports for the same model at K=1; with it in force they are computed from
+    the masked losses (a different model, so at least the AUC moves)."""
+
+    class Sentiment(Task):
+        name = "sentiment-test"
+        answer_choices = ("negative", "positive")
+        metrics = ("choice_accuracy",)
+        primary_metric = "choice_accuracy"
+
+    texts = ["great shirt, fits well", "fell apart after one wash", "love it",
+             "too small and the colour is wrong", "ok for the price, would buy again",
+             "the seams split on day two"]  # fmt: skip
+    labels = ["positive", "negative", "positive", "negative", "positive", "negative"]
+    examples = [Example(f"Review: {t}, Label:", a) for t, a in zip(texts, labels)]
+    model = tiny_model(4, base_overrides={"initializer_range": 0.3})
+    randomise_trainables(model, seed=1, std=0.05)
+    layers = len(model.lm.get_decoder().layers)
+    late = late_merge_bound.LateMask(model, layers)
+    try:
+        scores = late_merge_bound.choice_scores(model, late, examples, Sentiment.answer_choices)
+    finally:
+        late.remove()
+    reference = evaluate(model, examples, Sentiment(), progress=False, k=1)
+    assert scores["accuracy"] == pytest.approx(reference["choice_accuracy"])
+    assert scores["auc"] == pytest.approx(reference["choice_auc"])
+    late = late_merge_bound.LateMask(model, 0)
+    try:
+        masked = late_merge_bound.choice_scores(model, late, examples, Sentiment.answer_choices)
+    finally:
+        late.remove()
+    assert masked["auc"] != pytest.approx(scores["auc"])
 
 
 def test_late_merge_bound_hides_tokens_that_end_no_block(late_merge_bound, tiny_model):
