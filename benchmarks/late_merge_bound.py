@@ -42,7 +42,14 @@ import torch
 
 from kmerge.metrics import roc_auc
 from kmerge.modeling import KMergeConfig, KMergeModel
-from kmerge.training import Progress, TrainConfig, _lr_factor, load_data, make_optimizer
+from kmerge.training import (
+    Progress,
+    TrainConfig,
+    _lr_factor,
+    load_data,
+    make_optimizer,
+    training_attention,
+)
 
 
 def keep_mask(model: KMergeModel, prompts: list[str], batch) -> torch.Tensor:
@@ -142,9 +149,14 @@ def main() -> None:
     torch.manual_seed(cfg.seed)
     model = KMergeModel.from_base(cfg.model.base_model, cfg.model)
     data = load_data(dataclasses.replace(cfg, output_dir=None), model.tokenizer)
+    # as kmerge train: eager attention for bf16 on a CPU
+    with training_attention(model, "bf16" if args.bf16 else "no", model.device):
+        train_and_score(args, cfg, model, data)
+
+
+def train_and_score(args: argparse.Namespace, cfg: TrainConfig, model: KMergeModel, data) -> None:
+    """Train the LoRA under the late mask; score the held-out choices every ``eval_every``."""
     choices = tuple(data.task.answer_choices or ("true", "false"))
-    if args.bf16:  # as kmerge train does in bf16 on a CPU (training_attention)
-        model.lm.set_attn_implementation("eager")
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16)
     late = LateMask(model, args.layers)
     opt = make_optimizer(model, cfg)  # the encoder gets no gradient: only the LoRA moves

@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -238,8 +237,8 @@ def test_bf16_on_the_cpu_trains_with_eager_attention_and_gives_the_kernel_back(t
     model.lm.set_attn_implementation("sdpa")
     during = {}
     for precision in ("no", "bf16"):
-        accelerator = SimpleNamespace(mixed_precision=precision, device=torch.device("cpu"))
-        with pytest.raises(KeyboardInterrupt), training_attention(model, accelerator):
+        cpu = torch.device("cpu")
+        with pytest.raises(KeyboardInterrupt), training_attention(model, precision, cpu):
             during[precision] = model.lm.config._attn_implementation
             raise KeyboardInterrupt  # an interrupted run gives it back too
         assert model.lm.config._attn_implementation == "sdpa"

@@ -576,7 +576,9 @@ def train(cfg: TrainConfig, model: KMergeModel | None = None) -> TrainResult:
         accelerator.wait_for_everyone()  # every process has checked the directory: now write
         if accelerator.is_main_process:
             _start_output(cfg, out_dir)
-    with training_attention(accelerator.unwrap_model(model), accelerator):
+    with training_attention(
+        accelerator.unwrap_model(model), accelerator.mixed_precision, accelerator.device
+    ):
         trainer.run()
     progress = trainer.progress
     train_seconds = progress.train_seconds  # optimisation time only
@@ -592,12 +594,14 @@ def train(cfg: TrainConfig, model: KMergeModel | None = None) -> TrainResult:
 
 
 @contextlib.contextmanager
-def training_attention(model: KMergeModel, accelerator: Accelerator) -> Iterator[None]:
+def training_attention(
+    model: KMergeModel, mixed_precision: str, device: torch.device
+) -> Iterator[None]:
     """The attention kernel to train with, and the model's own back afterwards: eager for bf16
     on the CPU, where PyTorch's flash-attention (SDPA) backward is ~5x slower than in fp32 at
     these lengths (benchmarks/bf16_cpu.py) and the eager kernel is not."""
     own = model.lm.config._attn_implementation
-    if accelerator.mixed_precision == "bf16" and accelerator.device.type == "cpu":
+    if mixed_precision == "bf16" and torch.device(device).type == "cpu":
         model.lm.set_attn_implementation("eager")
     try:
         yield
