@@ -33,9 +33,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import random
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -154,6 +156,18 @@ def main() -> None:
         train_and_score(args, cfg, model, data)
 
 
+def epoch_batches(examples: list, batch_size: int, seed: int) -> Iterator[list]:
+    """Full batches, epoch after epoch, each epoch in its own shuffled order (the first one
+    shuffled with ``seed``, epoch e with ``seed + e``)."""
+    if len(examples) < batch_size:
+        raise SystemExit(f"{len(examples)} training examples: fewer than one batch of {batch_size}")
+    for epoch in itertools.count():
+        order = list(examples)
+        random.Random(seed + epoch).shuffle(order)
+        for i in range(0, len(order) - batch_size + 1, batch_size):
+            yield order[i : i + batch_size]
+
+
 def train_and_score(args: argparse.Namespace, cfg: TrainConfig, model: KMergeModel, data) -> None:
     """Train the LoRA under the late mask; score the held-out choices every ``eval_every``."""
     choices = tuple(data.task.answer_choices or ("true", "false"))
@@ -163,12 +177,11 @@ def train_and_score(args: argparse.Namespace, cfg: TrainConfig, model: KMergeMod
     params = [p for group in opt.param_groups for p in group["params"]]
     # no time budget: the schedule follows the step share alone
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_factor(cfg, cfg.steps, Progress))
-    train = list(data.train)
-    random.Random(cfg.seed).shuffle(train)
+    batches = epoch_batches(list(data.train), cfg.batch_size, cfg.seed)
     records, cpu = [], 0.0
     model.train()
     for step in range(1, (args.train_steps or cfg.steps) + 1):
-        chunk = train[(step - 1) * cfg.batch_size : step * cfg.batch_size]
+        chunk = next(batches)
         started = time.process_time()
         prompts, answers = [e.prompt for e in chunk], [e.answer for e in chunk]
         with autocast:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import random
 from pathlib import Path
 
 import pytest
@@ -400,6 +401,24 @@ def test_late_merge_bound_choice_scores_are_evaluate_at_k1_with_no_layer_masked(
     finally:
         late.remove()
     assert masked["auc"] != pytest.approx(scores["auc"])
+
+
+def test_late_merge_bound_trains_past_the_end_of_its_data_epoch_after_epoch(late_merge_bound):
+    """More steps than one pass over the data: full batches, each epoch a new order, the first
+    epoch the order the script always used (so earlier runs reproduce)."""
+    examples = list(range(10))
+    batches = late_merge_bound.epoch_batches(examples, 3, seed=7)
+    drawn = [next(batches) for _ in range(9)]  # three per epoch (the 10th example left over)
+    first = list(examples)
+    random.Random(7).shuffle(first)
+    assert drawn[:3] == [first[0:3], first[3:6], first[6:9]]
+    assert all(len(batch) == 3 for batch in drawn)
+    for epoch in range(3):
+        seen = sum(drawn[3 * epoch : 3 * epoch + 3], [])
+        assert len(set(seen)) == 9 and set(seen) <= set(examples)
+    assert drawn[3:6] != drawn[:3]
+    with pytest.raises(SystemExit, match="fewer than one batch"):
+        next(late_merge_bound.epoch_batches([1, 2], 3, seed=0))
 
 
 def test_late_merge_bound_hides_tokens_that_end_no_block(late_merge_bound, tiny_model):
