@@ -42,7 +42,7 @@ from pathlib import Path
 
 import torch
 
-from kmerge.metrics import roc_auc
+from kmerge.evaluation import choice_auc
 from kmerge.modeling import KMergeConfig, KMergeModel
 from kmerge.training import (
     Progress,
@@ -119,7 +119,9 @@ def choice_scores(model, late, examples, choices, batch_size=32) -> dict[str, fl
     best = [choices[min(range(len(choices)), key=row.__getitem__)] for row in nll]
     out = {"accuracy": sum(b == e.answer for b, e in zip(best, examples)) / len(examples)}
     if len(choices) == 2:
-        out["auc"] = roc_auc([a - b for a, b in nll], [e.answer == choices[1] for e in examples])
+        records = [{"choice_nll": dict(zip(choices, row)), "answer": e.answer}
+                   for row, e in zip(nll, examples)]  # fmt: skip
+        out["auc"] = choice_auc(records, choices)
     return out
 
 

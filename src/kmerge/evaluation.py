@@ -299,6 +299,19 @@ def _answer_nll(
     return (out.example_losses * out.answer_tokens).tolist(), counts
 
 
+def choice_auc(records: Sequence[Mapping], choices: Sequence[str]) -> float | None:
+    """ROC-AUC of two choices from records with ``choice_nll`` ({choice: NLL}) and ``answer``:
+    the score is how much likelier the second choice is. None unless both answers occur."""
+    first, second = choices
+    labelled = [r for r in records if r["answer"] in choices]
+    if {r["answer"] for r in labelled} != set(choices):
+        return None
+    return roc_auc(
+        [r["choice_nll"][first] - r["choice_nll"][second] for r in labelled],
+        [r["answer"] == second for r in labelled],
+    )
+
+
 def summarise(
     records: list[dict],
     metrics: Sequence[str],
@@ -327,13 +340,9 @@ def summarise(
             [r["choice"] for r in records], [r["answer"] for r in records], labels=choices
         )
     if choices is not None and len(choices) == 2 and "choice_nll" in records[0]:
-        first, second = choices
-        labelled = [r for r in records if r["answer"] in choices]
-        if {r["answer"] for r in labelled} == set(choices):
-            out["choice_auc"] = roc_auc(
-                [r["choice_nll"][first] - r["choice_nll"][second] for r in labelled],
-                [r["answer"] == second for r in labelled],
-            )
+        auc = choice_auc(records, choices)
+        if auc is not None:
+            out["choice_auc"] = auc
     if "perplexity" in metrics:
         total_nll = sum(r["nll"] for r in records)
         out["perplexity"] = perplexity(total_nll, sum(r["answer_tokens"] for r in records))
