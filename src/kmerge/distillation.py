@@ -12,12 +12,11 @@ cross-entropy (xRAG, arXiv 2405.13792):
 - ``prompt_weight`` x the same distance inside the prompt: each merged position against the
   teacher's state at the last token of its block, where a causal model has read the block.
   A dense signal (every block, every layer) that asks merged positions to carry what the plain
-  prompt's tokens carry, so that the layers above read them as they read tokens. The last
-  prompt position (it predicts the answer) is left out, and so is the first, where models
-  park attention, unless an unmerged BOS comes before it (``prepend_bos``: the BOS is then
-  the sink, and the first block is matched like the others). ``prompt_layers`` = N matches
-  only the first N decoder layers (the layers that turn what a position holds into what the
-  layers above read); with no answer terms the teacher then runs only those N layers.
+  prompt's tokens carry, so that the layers above read them as they read tokens. The first
+  prompt position (where models park attention) and the last (it predicts the answer) are
+  left out. ``prompt_layers`` = N matches only the first N decoder layers (the layers that
+  turn what a position holds into what the layers above read); with no answer terms the
+  teacher then runs only those N layers.
 
 ``match_only`` (a warm-up): the loss is the prompt term alone, and the student too runs only
 the matched layers, so a step costs a fraction of a full one; the merged positions move
@@ -211,10 +210,7 @@ class Distiller:
         per_example = self._teacher_states(student, prompts, answers, match_only)
         teacher_seconds = time.perf_counter() - started
         batch = student.prepare(prompts, answers, k=k, protect=protect)
-        positions = None
-        if self.prompt_weight:
-            first = 0 if student.config.prepend_bos else 1  # position 0 is the sink without BOS
-            positions = self._aligned_positions(batch, per_example, first)
+        positions = self._aligned_positions(batch, per_example) if self.prompt_weight else None
         if match_only:
             with self._matched_layers_only(student):
                 own = student.answer_states(batch, False, positions)
@@ -262,9 +258,9 @@ class Distiller:
         )  # fmt: skip
 
     @staticmethod
-    def _aligned_positions(batch, per_example: list[TeacherStates], first: int) -> list[list[int]]:
-        """Per example, the prompt positions whose states are matched to the teacher's: from
-        ``first`` up to, not including, the last (see the module's docstring)."""
+    def _aligned_positions(batch, per_example: list[TeacherStates]) -> list[list[int]]:
+        """Per example, the prompt positions whose states are matched to the teacher's: all
+        but the first and the last (see the module's docstring)."""
         for i, (ends, teacher) in enumerate(zip(batch.block_ends, per_example)):
             if ends[-1] + 1 != len(teacher.prompt_hidden[0]):
                 raise KMergeConfigError(
@@ -272,4 +268,4 @@ class Distiller:
                     f"teacher's {len(teacher.prompt_hidden[0])}: they must tokenise alike "
                     "(same tokenizer, no prompt compressor)"
                 )
-        return [list(range(first, len(ends) - 1)) for ends in batch.block_ends]
+        return [list(range(1, len(ends) - 1)) for ends in batch.block_ends]

@@ -69,11 +69,7 @@ class KMergeConfig:
     encoder_context: int = option(
         0, "neighbouring blocks on each side whose mean the encoder MLP also reads", minimum=0
     )
-    prepend_bos: bool = option(
-        False,
-        "one unmerged BOS position before the merged prompt, an attention sink (prompt "
-        "distillation then matches the first block too)",
-    )
+    prepend_bos: bool = option(False, "one unmerged BOS position before the merged prompt")
     block_alignment: BlockAlignment = option(
         "start",
         "how prompts are cut into blocks: from the start, so the last block is partial; from "
