@@ -513,16 +513,19 @@ def test_distillation_penalises_a_compressed_student(tiny_model):
     assert student.encoder.mlp[-1].weight.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("layers", [0, 1])
-def test_prompt_distillation_matches_each_block_to_its_last_token(tiny_model, layers):
+@pytest.mark.parametrize("layers, bos", [(0, False), (1, False), (1, True)])
+def test_prompt_distillation_matches_each_block_to_its_last_token(tiny_model, layers, bos):
     """The prompt term compares merged position j with the teacher at its block's last token
     (over every layer, or the first ``layers``, for which the teacher runs only those): computed
     by hand from the two models' hidden states, it is what the Distiller reports, and its
-    gradient reaches the encoder alone (no answer terms)."""
+    gradient reaches the encoder alone (no answer terms). The first and last blocks are left
+    out, also after a BOS."""
     from kmerge.distillation import Distiller, normalised_distance
 
     # three layers: with layers=1 the teacher runs two of them (one more than it matches)
-    student = tiny_model(4, block_alignment="segments", base_overrides={"num_hidden_layers": 3})
+    student = tiny_model(
+        4, block_alignment="segments", prepend_bos=bos, base_overrides={"num_hidden_layers": 3}
+    )
     randomise_trainables(student, seed=4)
     n_layers = len(student.lm.get_decoder().layers)
     if layers:  # the teacher's forward stops early

@@ -14,9 +14,10 @@ cross-entropy (xRAG, arXiv 2405.13792):
   A dense signal (every block, every layer) that asks merged positions to carry what the plain
   prompt's tokens carry, so that the layers above read them as they read tokens. The first
   prompt position (where models park attention) and the last (it predicts the answer) are
-  left out. ``prompt_layers`` = N matches only the first N decoder layers (the layers that
-  turn what a position holds into what the layers above read); with no answer terms the
-  teacher then runs only those N layers.
+  left out; the first also after a BOS (``prepend_bos``), where matching it measured worse on
+  the tree (docs/quality.md, "An unmerged BOS first"). ``prompt_layers`` = N matches only the
+  first N decoder layers (the layers that turn what a position holds into what the layers
+  above read); with no answer terms the teacher then runs only those N layers.
 
 ``match_only`` (a warm-up): the loss is the prompt term alone, and the student too runs only
 the matched layers, so a step costs a fraction of a full one; the merged positions move
