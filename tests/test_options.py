@@ -67,6 +67,16 @@ def test_flags_reach_the_configs():
                                 "data_dir": "d"}  # fmt: skip
 
 
+def test_ancestor_negatives_flag_reaches_the_tree_task():
+    from kmerge.tasks import build_task
+
+    argv = ["train", "--ancestor-negatives", "0.5", "--stage", "xsmall"]
+    cfg = kmerge.cli._train_config(build_parser().parse_args(argv))
+    assert cfg.task_options == {"ancestor_negatives": 0.5}
+    task = build_task(cfg.task, cfg.seed, cfg.stage, cfg.n_eval, 64, cfg.task_options)
+    assert task.ancestor_negatives == 0.5 and task.stage == "xsmall"
+
+
 def test_the_merged_recipe_is_one_flag_and_each_of_its_settings_can_be_overridden():
     parse = build_parser().parse_args
     cfg = kmerge.cli._train_config(parse(["train", "--k", "4", "--recipe", "merged"]))

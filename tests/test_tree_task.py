@@ -177,3 +177,55 @@ def test_bad_stage_and_split():
         TreeTask().examples("dev")
     with pytest.raises(KMergeDataError, match="'valid'"):
         make_tree_examples("small", 10, 0, "valid")
+
+
+def far_ancestor_share(examples: list[Example]) -> float:
+    """Share of the false questions whose parent is a grandparent (or higher) of the child,
+    by the independent parser."""
+    far = falses = 0
+    for e in examples:
+        if e.answer != "false":
+            continue
+        parent, _ = parse_tree(e.meta["tree"])
+        falses += 1
+        node = parent.get(parent.get(e.meta["child"], ""))
+        while node is not None and node != e.meta["parent"]:
+            node = parent.get(node)
+        far += node is not None
+    return far / falses
+
+
+@pytest.mark.parametrize("stage", ["small", "medium"])
+def test_ancestor_negatives_train_only(stage):
+    plain = TreeTask(stage=stage, seed=3, n_train=2000, n_test=500)
+    hard = TreeTask(stage=stage, seed=3, n_train=2000, n_test=500, ancestor_negatives=1.0)
+    train_plain, train_hard = plain.examples("train"), hard.examples("train")
+    # Same trees, still balanced; more grandparent questions among the falses.
+    assert train_plain
+    assert {e.meta["tree"] for e in train_plain} == {e.meta["tree"] for e in train_hard}
+    assert Counter(e.answer for e in train_hard) == {"true": 1000, "false": 1000}
+    assert far_ancestor_share(train_hard) > 1.5 * far_ancestor_share(train_plain) > 0
+    # Every answer still agrees with the parser (a far ancestor is never the parent).
+    for e in train_hard:
+        parent, _ = parse_tree(e.meta["tree"])
+        assert (parent.get(e.meta["child"]) == e.meta["parent"]) == (e.answer == "true")
+    # Held-out questions are exactly those without the option.
+    assert hard.examples("test") == plain.examples("test")
+
+
+def test_ancestor_negatives_zero_is_the_uniform_draw():
+    a = make_tree_examples("xsmall", 300, seed=1, split="train")
+    b = make_tree_examples("xsmall", 300, seed=1, split="train", ancestor_share=0.0)
+    assert a == b
+    half = make_tree_examples("medium", 3000, seed=1, split="train", ancestor_share=0.5)
+    full = make_tree_examples("medium", 3000, seed=1, split="train", ancestor_share=1.0)
+    plain = make_tree_examples("medium", 3000, seed=1, split="train")
+    assert far_ancestor_share(plain) < far_ancestor_share(half) < far_ancestor_share(full)
+
+
+@pytest.mark.parametrize("share", [-0.1, 1.5])
+def test_ancestor_negatives_out_of_range(share):
+    with pytest.raises(KMergeDataError, match="ancestor_negatives is a share between 0 and 1"):
+        TreeTask(ancestor_negatives=share)
+    with pytest.raises(KMergeDataError, match="does not take ancestor_negatives"):
+        get_task("amazon_reviews", ancestor_negatives=0.5)

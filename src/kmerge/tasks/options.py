@@ -34,6 +34,12 @@ class TaskOptions:
         None, "jsonl/csv: the labels (adds choice accuracy, macro-F1)"
     )
     metrics: list[str] | None = option(None, "jsonl/csv: metric names")
+    ancestor_negatives: float | None = option(
+        None,
+        "tree, training questions only: the chance that a 'false' question asks about a "
+        "grandparent (or higher ancestor) where the tree has one, instead of a uniformly drawn "
+        "pair (default 0: uniform); held-out questions stay uniform",
+    )
     skip_bad_rows: bool = option(
         False, "skip and count malformed rows instead of stopping at the first"
     )

@@ -113,11 +113,12 @@ def tree_prompt(tree_text: str, parent: str, child: str) -> str:
 
 
 def tree_questions(
-    tree: Tree, rng: random.Random, balance: bool = True
+    tree: Tree, rng: random.Random, balance: bool = True, ancestor_share: float = 0.0
 ) -> list[tuple[str, str, bool]]:
     """(parent, child, is_edge) questions for one tree; empty for a single-node tree.
 
     Balanced questions alternate true/false, so truncating the list keeps the classes within 1.
+    ``ancestor_share``: see ``_draw_falses`` (0 draws the false questions uniformly).
     """
     trues = [(tree.parent[c], c) for c in tree.nodes if c in tree.parent]
     falses = [(x, y) for x in tree.nodes for y in tree.nodes if x != y and tree.parent.get(y) != x]
@@ -125,11 +126,38 @@ def tree_questions(
         return [(p, c, True) for p, c in trues] + [(p, c, False) for p, c in falses]
     k = min(len(trues), len(falses))
     trues = rng.sample(trues, k) if k < len(trues) else trues
-    falses = rng.sample(falses, k)
+    falses = _draw_falses(tree, falses, k, rng, ancestor_share)
     out = []
     for t, f in zip(trues, falses, strict=True):
         out += [(*t, True), (*f, False)]
     return out
+
+
+def _is_far_ancestor(tree: Tree, x: str, y: str) -> bool:
+    """True when ``x`` sits two or more levels above ``y`` on ``y``'s branch (a grandparent)."""
+    node = tree.parent.get(tree.parent.get(y, ""))
+    while node is not None:
+        if node == x:
+            return True
+        node = tree.parent.get(node)
+    return False
+
+
+def _draw_falses(
+    tree: Tree, falses: list[tuple[str, str]], k: int, rng: random.Random, ancestor_share: float
+) -> list[tuple[str, str]]:
+    """``k`` of the false pairs; each is, with chance ``ancestor_share``, a far ancestor (a
+    grandparent or above, the pair a model that reads "above on the same branch" for "parent"
+    answers wrongly), while the tree has one left, else any other false pair."""
+    if not ancestor_share:
+        return rng.sample(falses, k)  # the uniform draw, RNG use unchanged
+    far = [f for f in falses if _is_far_ancestor(tree, *f)]
+    rest = [f for f in falses if not _is_far_ancestor(tree, *f)]
+    n_far = min(len(far), sum(rng.random() < ancestor_share for _ in range(k)))
+    n_rest = min(len(rest), k - n_far)
+    picked = rng.sample(far, k - n_rest) + rng.sample(rest, n_rest)
+    rng.shuffle(picked)
+    return picked
 
 
 def _tree_stream(stage: str, seed: int, split: str):
@@ -171,13 +199,15 @@ def make_tree_examples(
     balance: bool = True,
     *,
     train_reference: int | None = None,
+    ancestor_share: float = 0.0,
 ) -> list[Example]:
     """Deterministic Tree examples for (stage, n_examples, seed, split, balance).
 
     The split is by tree: train and test trees come from separate RNG streams, and a test tree
     whose text occurs among the train trees is rejected. The rejection set covers the train
     trees of max(n_examples, train_reference, 4096) train examples; a train split larger
-    than that could, rarely, share a tree with the test split.
+    than that could, rarely, share a tree with the test split. ``ancestor_share`` changes which
+    false questions a tree gets (``_draw_falses``), never which trees a split has.
     """
     check_split(split)
     get_stage(stage)
@@ -196,7 +226,7 @@ def make_tree_examples(
             break
         if text in seen:
             continue
-        for p, c, is_edge in tree_questions(tree, rng, balance):
+        for p, c, is_edge in tree_questions(tree, rng, balance, ancestor_share):
             meta = {"tree": text, "parent": p, "child": c, "stage": stage}
             examples.append(Example(tree_prompt(text, p, c), "true" if is_edge else "false", meta))
     del examples[n_examples:]  # cut inside the last tree, before shuffling
@@ -225,8 +255,14 @@ class TreeTask(Task):
         balance: bool = True,
         n_train: int = 2048,
         n_test: int = 256,
+        ancestor_negatives: float = 0.0,
     ) -> None:
         get_stage(stage)
+        if not 0.0 <= ancestor_negatives <= 1.0:
+            raise KMergeDataError(
+                f"ancestor_negatives is a share between 0 and 1, got {ancestor_negatives!r}"
+            )
+        self.ancestor_negatives = ancestor_negatives
         self.stage = stage
         self.seed = seed
         self.balance = balance
@@ -236,6 +272,9 @@ class TreeTask(Task):
     def _examples(self, split: str, n: int | None) -> list[Example]:
         if n is None:
             n = self.n_train if split == "train" else self.n_test
+        # Held-out questions stay uniform: the option changes what the model practises only.
+        share = self.ancestor_negatives if split == "train" else 0.0
         return make_tree_examples(
-            self.stage, n, self.seed, split, self.balance, train_reference=self.n_train
-        )
+            self.stage, n, self.seed, split, self.balance, train_reference=self.n_train,
+            ancestor_share=share,
+        )  # fmt: skip
