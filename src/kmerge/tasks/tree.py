@@ -151,8 +151,10 @@ def _draw_falses(
     answers wrongly), while the tree has one left, else any other false pair."""
     if not ancestor_share:
         return rng.sample(falses, k)  # the uniform draw, RNG use unchanged
-    far = [f for f in falses if _is_far_ancestor(tree, *f)]
-    rest = [f for f in falses if not _is_far_ancestor(tree, *f)]
+    far: list[tuple[str, str]] = []
+    rest: list[tuple[str, str]] = []
+    for pair in falses:
+        (far if _is_far_ancestor(tree, *pair) else rest).append(pair)
     n_far = min(len(far), sum(rng.random() < ancestor_share for _ in range(k)))
     n_rest = min(len(rest), k - n_far)
     picked = rng.sample(far, k - n_rest) + rng.sample(rest, n_rest)
